@@ -1,0 +1,186 @@
+"""`make bench`: throughput of each stage next to a bare aiokafka baseline.
+
+Everything runs in one go on one fresh embedded broker, so the ratios compare
+like with like. The baseline is the floor cost of Kafka I/O in Python: consume,
+JSON-decode, JSON-encode and produce contract-sized records, no stage logic.
+Each stage is then fed pre-loaded input and timed from its first output to its
+last, as a worker process started exactly as in production.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from workers import envelope
+from workers.broker import free_port, start_broker, stop_broker
+from workers.shop import Shop
+from workers.topics import create_topics_sync
+
+PARTITIONS = 6
+RESULTS = Path(__file__).resolve().parent / "results.json"
+BASELINE_RECORDS = 100_000
+
+
+@dataclass
+class StageBench:
+    stage: str
+    output_topic: str
+    inputs: Callable[[Shop], list[envelope.Out]]
+    expected_outputs: Callable[[int], int]
+    records: int = 20_000
+
+
+def orders(shop: Shop, count: int) -> list[envelope.Out]:
+    return [shop.order() for _ in range(count)]
+
+
+def checkouts(shop: Shop, count: int) -> list[envelope.Out]:
+    return [shop.checkout() for _ in range(count)]
+
+
+def message_requests(shop: Shop, count: int) -> list[envelope.Out]:
+    outs = []
+    for number in range(count):
+        contact = shop.contact(number)
+        data = {"request": f"req-{number}", "kind": "event-message", "message": "msg-bench", "contact": contact["id"],
+                "channel": "email", "to": {"email": contact["email"], "phone": None}, "layout": "event-message",
+                "language": contact["language"], "vars": {"custom_text": "Doors open at 19:00", "event": {"name": "Hamlet"}}}
+        outs.append(envelope.Out(envelope.OUTBOX, envelope.key(shop.tenant, contact["id"]),
+                                 envelope.make_event("message.requested", shop.tenant, data, source="/bench")))
+    return outs
+
+
+STAGE_BENCHES = [
+    StageBench("prompts", envelope.PROMPTS, lambda shop: checkouts(shop, 20_000), lambda n: n),
+    StageBench("consent", envelope.CONSENT_STATE, lambda shop: orders(shop, 20_000), lambda n: n),
+    StageBench("segments", envelope.CONTACTS_STATE, lambda shop: orders(shop, 20_000), lambda n: n),
+    StageBench("messages", envelope.DELIVERIES, lambda shop: message_requests(shop, 20_000), lambda n: n),
+]
+
+
+async def load(bootstrap: str, outs: list[envelope.Out]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024)
+    await producer.start()
+    try:
+        batch = [await producer.send(out.topic, key=out.key.encode(), value=out.value_bytes()) for out in outs]
+        await asyncio.gather(*batch)
+    finally:
+        await producer.stop()
+
+
+async def end_offset_total(consumer: AIOKafkaConsumer, topic: str) -> int:
+    partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+    return sum((await consumer.end_offsets(partitions)).values())
+
+
+async def baseline(bootstrap: str, shop: Shop) -> float:
+    """Bare aiokafka: consume, decode, encode, produce; records per second."""
+    topic_in, topic_out = "bench.baseline.in", "bench.baseline.out"
+    outs = [envelope.Out(topic_in, out.key, out.event) for out in orders(shop, BASELINE_RECORDS)]
+    await load(bootstrap, outs)
+    consumer = AIOKafkaConsumer(topic_in, bootstrap_servers=bootstrap, group_id="bench-baseline", auto_offset_reset="earliest",
+                                max_poll_records=2000, fetch_max_bytes=8 * 1024 * 1024)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=512 * 1024)
+    await consumer.start()
+    await producer.start()
+    try:
+        seen, started = 0, None
+        while seen < BASELINE_RECORDS:
+            batches = await consumer.getmany(timeout_ms=500, max_records=2000)
+            pending = []
+            for records in batches.values():
+                if started is None:
+                    started = time.perf_counter()
+                for record in records:
+                    value = json.loads(record.value)
+                    pending.append(await producer.send(topic_out, key=record.key, value=json.dumps(value).encode()))
+                seen += len(records)
+            await asyncio.gather(*pending)
+            await consumer.commit()
+        return BASELINE_RECORDS / (time.perf_counter() - started)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def measure_stage(bootstrap: str, bench: StageBench, workdir: Path) -> dict[str, Any]:
+    shop = Shop(tenant=f"bench-{bench.stage}", contacts=5_000)
+    inputs = bench.inputs(shop)
+    await load(bootstrap, inputs)
+    expected = bench.expected_outputs(len(inputs))
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await probe.start()
+    before = await end_offset_total(probe, bench.output_topic)
+    port = free_port()
+    env = {**os.environ, "USHER_BROKER": f"kafka://{bootstrap}", "USHER_STORE": "memory://", "USHER_PARTITIONS": str(PARTITIONS),
+           "USHER_DATA_DIR": str(workdir / "data"), "USHER_OUTBOX_DIR": str(workdir / f"outbox-{bench.stage}"),
+           "USHER_SESSION_TIMEOUT_S": "6", "USHER_REBALANCE_TIMEOUT_S": "6"}
+    log = (workdir / f"{bench.stage}.log").open("wb")
+    worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", bench.stage, "--web-port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        first_at = last_at = None
+        produced = 0
+        deadline = time.monotonic() + 300
+        while produced < expected and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            now_total = await end_offset_total(probe, bench.output_topic) - before
+            if now_total > produced:
+                first_at = first_at or time.perf_counter()
+                last_at = time.perf_counter()
+                produced = now_total
+            if worker.poll() is not None:
+                break
+        if not first_at or produced < 2 or last_at == first_at:
+            return {"per_s": 0.0, "outputs": produced, "note": f"no outputs; see {log.name}"}
+        return {"per_s": round(produced / (last_at - first_at), 1), "outputs": produced, "inputs": len(inputs)}
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        await probe.stop()
+
+
+async def main() -> dict[str, Any]:
+    port = free_port()
+    broker = start_broker(port)
+    bootstrap = f"127.0.0.1:{port}"
+    workdir = Path(tempfile.mkdtemp(prefix="usher-bench-"))
+    try:
+        create_topics_sync(bootstrap, PARTITIONS)
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        await admin.create_topics([NewTopic("bench.baseline.in", PARTITIONS, 1), NewTopic("bench.baseline.out", PARTITIONS, 1)])
+        await admin.close()
+        base = await baseline(bootstrap, Shop(tenant="bench-baseline"))
+        results: dict[str, Any] = {"baseline_per_s": round(base, 1), "stages": {}, "partitions": PARTITIONS, "machine_cores": os.cpu_count()}
+        print(f"baseline (bare aiokafka consume+produce): {base:10.0f} records/s", flush=True)
+        for bench in STAGE_BENCHES:
+            figures = await measure_stage(bootstrap, bench, workdir)
+            figures["ratio"] = round(figures["per_s"] / base, 3) if base else 0.0
+            results["stages"][bench.stage] = figures
+            print(f"{bench.stage:9} {figures['per_s']:10.0f} records/s  ratio {figures['ratio']:.3f}  ({figures})", flush=True)
+        return results
+    finally:
+        stop_broker(broker)
+
+
+if __name__ == "__main__":
+    results = asyncio.run(main())
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {RESULTS}")

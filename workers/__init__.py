@@ -1,0 +1,1 @@
+"""Usher: consent-aware audience messaging for event-ticketing platforms."""

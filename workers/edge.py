@@ -1,0 +1,230 @@
+"""The edge every stage shares: decode, validate, dedupe, dead-letter, produce.
+
+A stage subscribes a handler to its input topics; the edge hands it only
+valid, first-seen CloudEvents and produces what it returns. Anything rejected,
+including a handler that raised, becomes a `record.rejected` on
+`usher.dead-letters`, and the stage carries on with the next record.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import inspect
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+import orjson
+from faust.streams import _current_event
+from faust.types import EventT
+
+from workers import envelope, schemas
+from workers.metrics import CONSUMED, DEAD_LETTERS, DUPLICATES, PRODUCED
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Accepted:
+    """A valid, first-seen record and where it came from."""
+
+    event: dict[str, Any]
+    key: str
+    record: EventT
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.event["data"]
+
+    @property
+    def tenant(self) -> str:
+        return self.event["tenant"]
+
+    @contextmanager
+    def context(self) -> Iterator[None]:
+        """Make this record faust's current event, so table writes made while
+        handling it go to the changelog partition of the record's own partition."""
+        token = _current_event.set(weakref.ref(self.record))
+        try:
+            yield
+        finally:
+            _current_event.reset(token)
+
+
+RecordHandler = Callable[[Accepted], "Iterable[envelope.Out] | Awaitable[Iterable[envelope.Out]]"]
+BatchHandler = Callable[[list[Accepted]], Awaitable[Iterable[envelope.Out]]]
+
+
+async def _call(handler: RecordHandler, item: Accepted) -> list[envelope.Out]:
+    result = handler(item)
+    if inspect.isawaitable(result):
+        result = await result
+    return list(result)
+
+
+def _handler_error(exc: Exception) -> str:
+    return f"handler error: {type(exc).__name__}: {exc}"
+
+
+def dedupe_key(event: dict[str, Any]) -> str:
+    return f"{event['tenant']}/{event['source']}/{event['id']}"
+
+
+def rejection(reason: str, record: EventT, event: Any = None, *, stage: str = "edge") -> envelope.Out:
+    """The `record.rejected` for a record, keyed as the bad record was; its
+    source names the stage, as every stage reading the topic reports it."""
+    message = record.message
+    raw_key = message.key.decode("utf-8", "replace") if message.key else ""
+    tenant = event.get("tenant") if isinstance(event, dict) else None
+    if not (isinstance(tenant, str) and envelope.ID_PATTERN.match(tenant)):
+        tenant = raw_key.split("/", 1)[0] if raw_key else ""
+        tenant = tenant if envelope.ID_PATTERN.match(tenant) else "-"
+    data = {
+        "reason": reason,
+        "topic": message.topic,
+        "partition": message.partition,
+        "offset": message.offset,
+        "key": raw_key or None,
+        "raw_base64": base64.b64encode(message.value or b"").decode("ascii"),
+    }
+    event_id = f"{message.topic}:{message.partition}:{message.offset}"
+    return envelope.Out(
+        envelope.DEAD_LETTERS,
+        raw_key or "-",
+        envelope.make_event("record.rejected", tenant, data, source=f"/usher/{stage}", id_=event_id),
+    )
+
+
+def inspect_record(record: EventT) -> tuple[dict[str, Any] | None, str | None]:
+    """Decode and validate one record: (event, None) or (maybe-partial event, reason)."""
+    raw = record.message.value
+    if raw is None:
+        return None, "tombstone"
+    try:
+        event = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return None, f"not valid JSON: not UTF-8 text (byte 0x{raw[bad.start]:02x} at position {bad.start})"
+        return None, f"not valid JSON: {exc}"
+    problem = schemas.problem(event)
+    return event, problem
+
+
+class Edge:
+    """One stage's edge on a faust app: its dedupe table and its subscriptions."""
+
+    def __init__(self, app: faust.App, stage: str, *, batch_size: int, batch_within_s: float) -> None:
+        self.app = app
+        self.stage = stage
+        self.batch_size = batch_size
+        self.batch_within_s = batch_within_s
+        # (tenant, source, id) already handled -> when; changelogged, so a
+        # record redelivered after a crash or rebalance still has its effect once.
+        self.seen = app.Table(f"{stage}-seen", default=None)
+
+    def subscribe(
+        self,
+        name: str,
+        topics: Sequence[str],
+        *,
+        on_record: RecordHandler | None = None,
+        on_batch: BatchHandler | None = None,
+        on_tombstone: Callable[[EventT], Iterable[envelope.Out]] | None = None,
+    ) -> None:
+        """Consume `topics` with one agent; hand accepted records to the handler."""
+        if (on_record is None) == (on_batch is None):
+            raise ValueError("give exactly one of on_record or on_batch")
+        channel = self.app.topic(*topics, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+        async def consume(stream: faust.StreamT) -> None:
+            async for records in stream.take_events(self.batch_size, within=self.batch_within_s):
+                await self.process(records, on_record=on_record, on_batch=on_batch, on_tombstone=on_tombstone)
+
+        consume.__name__ = consume.__qualname__ = f"{self.stage}_{name}"
+        self.app.agent(channel, name=f"{self.stage}.{name}")(consume)
+
+    async def process(
+        self,
+        records: Sequence[EventT],
+        *,
+        on_record: RecordHandler | None = None,
+        on_batch: BatchHandler | None = None,
+        on_tombstone: Callable[[EventT], Iterable[envelope.Out]] | None = None,
+    ) -> None:
+        outs: list[envelope.Out] = []
+        accepted: list[Accepted] = []
+        batch_ids: set[str] = set()
+        for record in records:
+            CONSUMED.labels(self.stage, record.message.topic).inc()
+            event, problem = inspect_record(record)
+            if problem == "tombstone" and on_tombstone is not None:
+                outs.extend(self._guarded(record, lambda r=record: on_tombstone(r)))
+                continue
+            if problem is not None:
+                outs.append(self._reject(problem, record, event))
+                continue
+            seen_key = dedupe_key(event)
+            if seen_key in batch_ids or self.seen.get(seen_key) is not None:
+                DUPLICATES.labels(self.stage).inc()
+                continue
+            batch_ids.add(seen_key)
+            accepted.append(Accepted(event, (record.message.key or b"").decode("utf-8", "replace"), record))
+
+        handled: list[Accepted] = []
+        if on_record is not None:
+            for item in accepted:
+                with item.context():
+                    try:
+                        outs.extend(await _call(on_record, item))
+                        handled.append(item)
+                    except Exception as exc:  # a bug in a stage must not stop it; park the record
+                        log.exception("%s: handler failed on %s", self.stage, item.event.get("type"))
+                        outs.append(self._reject(_handler_error(exc), item.record, item.event))
+        elif accepted:
+            try:
+                outs.extend(await on_batch(accepted))
+                handled = accepted
+            except Exception as exc:  # a bug in a stage must not stop it; park the batch
+                log.exception("%s: batch handler failed", self.stage)
+                outs.extend(self._reject(_handler_error(exc), a.record, a.event) for a in accepted)
+
+        await self.produce(outs)
+        # Only what was handled counts as seen: a parked record can be replayed once fixed.
+        now = time.time()
+        for item in handled:
+            with item.context():
+                self.seen[dedupe_key(item.event)] = now
+
+    def _guarded(self, record: EventT, call: Callable[[], Iterable[envelope.Out]]) -> list[envelope.Out]:
+        try:
+            return list(call())
+        except Exception as exc:
+            log.exception("%s: tombstone handler failed", self.stage)
+            return [self._reject(_handler_error(exc), record)]
+
+    def _reject(self, reason: str, record: EventT, event: Any = None) -> envelope.Out:
+        DEAD_LETTERS.labels(self.stage, record.message.topic).inc()
+        log.warning("%s: rejected %s[%s]@%s: %s", self.stage, record.message.topic, record.message.partition, record.message.offset, reason)
+        return rejection(reason, record, event, stage=self.stage)
+
+    async def produce(self, outs: Iterable[envelope.Out]) -> None:
+        """Send all records, then wait for every acknowledgement: the input
+        offsets are committed only after this returns (at-least-once)."""
+        await produce(self.app, outs, self.stage)
+
+
+async def produce(app: faust.App, outs: Iterable[envelope.Out], stage: str) -> None:
+    producer = app.producer
+    pending = []
+    for out in outs:
+        pending.append(await producer.send(out.topic, out.key.encode(), out.value_bytes(), None, None, None))
+        PRODUCED.labels(stage, out.topic).inc()
+    if pending:
+        await asyncio.gather(*pending)

@@ -1,0 +1,107 @@
+"""CloudEvents envelopes, record keys and the records a stage emits.
+
+Every stage's pure rules take CloudEvent dicts in and return `Out` records; the
+agents around them only move bytes. Keeping this in one place keeps the
+contract's spelling in one place too.
+"""
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+SPECVERSION = "1.0"
+ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+# Topics of the contract (../shared/CONTRACT.md); nothing else spells them.
+CONFIG = "ticketing.config"
+EVENTS = "ticketing.events"
+MESSAGES = "ticketing.messages"
+CHECKOUTS = "ticketing.checkouts"
+ORDERS = "ticketing.orders"
+COMMANDS = "ticketing.commands"
+CALLBACKS = "provider.callbacks"
+PROMPTS = "checkout.prompts"
+CONSENT_STATE = "consent.state"
+CONSENT_LOG = "consent.log"
+CONTACTS_STATE = "contacts.state"
+CONTACTS_REPLIES = "contacts.replies"
+SEGMENTS_MEMBERS = "segments.members"
+OUTBOX = "messages.outbox"
+DELIVERIES = "messages.deliveries"
+DEAD_LETTERS = "usher.dead-letters"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def isotime(moment: datetime | None = None) -> str:
+    """RFC 3339 in UTC with a `Z`, the form every Usher record carries."""
+    moment = (moment or utcnow()).astimezone(timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def make_event(
+    type_: str,
+    tenant: str,
+    data: dict[str, Any],
+    *,
+    source: str,
+    id_: str | None = None,
+    time: str | None = None,
+) -> dict[str, Any]:
+    """A CloudEvent in structured mode. Pass `id_` when the event must be
+    reproducible (a redelivered input yields the same output id, so the next
+    stage's dedupe drops the repeat)."""
+    return {
+        "specversion": SPECVERSION,
+        "id": id_ or uuid.uuid4().hex,
+        "source": source,
+        "type": type_,
+        "time": time or isotime(),
+        "tenant": tenant,
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+
+
+def derived_id(event: dict[str, Any], suffix: str) -> str:
+    """A deterministic id for something caused by `event` (same input, same id)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{event['tenant']}|{event['source']}|{event['id']}|{suffix}"))
+
+
+def key(*parts: str) -> str:
+    return "/".join(parts)
+
+
+def contact_key(tenant: str, contact: str) -> str:
+    return key(tenant, contact)
+
+
+@dataclass(frozen=True, slots=True)
+class Out:
+    """One record a stage wants produced. `event` None is a tombstone."""
+
+    topic: str
+    key: str
+    event: dict[str, Any] | None
+
+    def value_bytes(self) -> bytes | None:
+        return None if self.event is None else orjson.dumps(self.event)
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+def loads(raw: bytes | str) -> Any:
+    return orjson.loads(raw)

@@ -1,0 +1,1 @@
+"""The prompts stage: what a checkout asks (opt-ins, custom fields, login)."""

@@ -1,0 +1,52 @@
+"""Process configuration, from `USHER_*` environment variables and CLI flags."""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="USHER_", extra="ignore")
+
+    broker: str = "kafka://localhost:9092"
+    secret: str = "change-me-in-production"
+    api_tokens: str = ""
+    email_provider: str = "outbox"
+    sms_provider: str = "outbox"
+    outbox_dir: Path = Path("./outbox")
+    sendgrid_api_key: str = ""
+    sendgrid_host: str = "https://api.sendgrid.com"
+    sendgrid_webhook_public_key: str = ""
+    aws_region: str = "eu-west-1"
+    data_dir: Path = Path("./data")
+    # "rocksdb://" keeps tables on disk (production); "memory://" is for tests and demos.
+    store: str = "rocksdb://"
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    partitions: int = 6
+    # Short group timeouts let a restarted worker rejoin in seconds rather than the default minute.
+    session_timeout_s: float = 10.0
+    rebalance_timeout_s: float = 10.0
+    heartbeat_interval_s: float = 1.0
+    batch_size: int = Field(default=1000, ge=1)
+    batch_within_s: float = 0.05
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        if not value.startswith("kafka://"):
+            raise ValueError(f"broker URL must look like kafka://host:port[,host:port], got {value!r}")
+        return value
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """The broker URL as aiokafka and kafka-python want it."""
+        return self.broker.removeprefix("kafka://")
+
+    @cached_property
+    def tokens_by_tenant(self) -> dict[str, str]:
+        pairs = (item.split("=", 1) for item in self.api_tokens.split(",") if "=" in item)
+        return {tenant.strip(): token.strip() for tenant, token in pairs}

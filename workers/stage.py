@@ -1,0 +1,71 @@
+"""Building a faust App for one stage, or for all four in one process.
+
+Each stage module has `register(app, ctx)`, which puts its agents, tables,
+timers and views on whichever App it is given. One App per stage is the
+production shape (its own consumer group, so a slow stage never starves
+another); `usher worker all` registers the four on one App, because a second
+App in the same worker would not consume.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+
+import faust
+
+from workers.edge import Edge
+from workers.settings import Settings
+from workers.web import register_health
+
+STAGES = ("prompts", "consent", "segments", "messages")
+
+
+@dataclass
+class StageContext:
+    """What a stage's `register` gets besides the App."""
+
+    name: str
+    settings: Settings
+    edge: Edge
+
+
+def app_id(stages: tuple[str, ...]) -> str:
+    return "usher-all" if len(stages) > 1 else f"usher-{stages[0]}"
+
+
+def build_app(stages: tuple[str, ...], settings: Settings) -> faust.App:
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage {sorted(unknown)}; choose from {', '.join(STAGES)} or all")
+    name = app_id(stages)
+    (settings.data_dir / name).mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        name,
+        broker=settings.broker,
+        store=settings.store,
+        datadir=str(settings.data_dir / name),
+        autodiscover=False,
+        web_enabled=True,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        web_in_thread=False,
+        topic_partitions=settings.partitions,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_s,
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_commit_every=1000,
+        broker_commit_interval=1.0,
+        producer_linger_ms=2,
+        producer_acks=-1,
+        stream_buffer_maxsize=max(4096, settings.batch_size * 2),
+        logging_config=None,
+    )
+    register_health(app)
+    for stage in stages:
+        module = importlib.import_module(f"workers.{stage}.app")
+        edge = Edge(app, stage, batch_size=settings.batch_size, batch_within_s=settings.batch_within_s)
+        module.register(app, StageContext(stage, settings, edge))
+    logging.getLogger("workers").setLevel(logging.INFO)
+    return app
