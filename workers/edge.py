@@ -128,6 +128,8 @@ class Edge:
         # (tenant, source, id) already handled -> when; changelogged, so a
         # record redelivered after a crash or rebalance still has its effect once.
         self.seen = app.Table(f"{stage}-seen", default=None)
+        # Reference feeds this stage's handlers need before they can decide anything.
+        self.waits: list[asyncio.Event] = []
 
     def subscribe(
         self,
@@ -158,6 +160,8 @@ class Edge:
         on_batch: BatchHandler | None = None,
         on_tombstone: Callable[[EventT], Iterable[envelope.Out]] | None = None,
     ) -> None:
+        for ready in self.waits:
+            await ready.wait()
         outs: list[envelope.Out] = []
         accepted: list[Accepted] = []
         batch_ids: set[str] = set()
@@ -208,6 +212,10 @@ class Edge:
         except Exception as exc:
             log.exception("%s: tombstone handler failed", self.stage)
             return [self._reject(_handler_error(exc), record)]
+
+    def reject(self, reason: str, item: Accepted) -> envelope.Out:
+        """A `record.rejected` for a valid record the stage cannot use (e.g. bad configuration)."""
+        return self._reject(reason, item.record, item.event)
 
     def _reject(self, reason: str, record: EventT, event: Any = None) -> envelope.Out:
         DEAD_LETTERS.labels(self.stage, record.message.topic).inc()

@@ -8,13 +8,16 @@ App in the same worker would not consume.
 """
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import faust
 
 from workers.edge import Edge
+from workers.feed import Feed, FeedHandler
 from workers.settings import Settings
 from workers.web import register_health
 
@@ -26,8 +29,18 @@ class StageContext:
     """What a stage's `register` gets besides the App."""
 
     name: str
+    app: faust.App
     settings: Settings
     edge: Edge
+    ready_events: list[asyncio.Event] = field(default_factory=list)
+
+    def feed(self, topics: Sequence[str], handler: FeedHandler) -> Feed:
+        """Read compacted reference topics whole on this worker (see workers/feed.py);
+        the stage's agents and /readyz wait until it has caught up."""
+        feed = Feed(self.app, self.name, topics, handler, self.settings.bootstrap_servers)
+        self.edge.waits.append(feed.ready)
+        self.ready_events.append(feed.ready)
+        return feed
 
 
 def app_id(stages: tuple[str, ...]) -> str:
@@ -62,10 +75,11 @@ def build_app(stages: tuple[str, ...], settings: Settings) -> faust.App:
         stream_buffer_maxsize=max(4096, settings.batch_size * 2),
         logging_config=None,
     )
-    register_health(app)
+    ready_events: list[asyncio.Event] = []
+    register_health(app, ready_events)
     for stage in stages:
         module = importlib.import_module(f"workers.{stage}.app")
         edge = Edge(app, stage, batch_size=settings.batch_size, batch_within_s=settings.batch_within_s)
-        module.register(app, StageContext(stage, settings, edge))
+        module.register(app, StageContext(stage, app, settings, edge, ready_events))
     logging.getLogger("workers").setLevel(logging.INFO)
     return app

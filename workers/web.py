@@ -1,6 +1,7 @@
 """HTTP pieces every stage shares: health, metrics, `/v1` auth, errors, paging."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Any
 
@@ -44,8 +45,9 @@ def page_of(items: list[Any], page: int, size: int) -> list[Any]:
     return items[(page - 1) * size : page * size]
 
 
-def register_health(app: faust.App) -> None:
-    """`/healthz` (process is up), `/readyz` (tables recovered), `/metrics`."""
+def register_health(app: faust.App, ready_events: list[asyncio.Event]) -> None:
+    """`/healthz` (process is up), `/readyz` (tables recovered and reference
+    feeds caught up), `/metrics`."""
 
     @app.page("/healthz")
     async def healthz(view: View, request: Request) -> Response:
@@ -54,7 +56,8 @@ def register_health(app: faust.App) -> None:
     @app.page("/readyz")
     async def readyz(view: View, request: Request) -> Response:
         recovery = app.tables.recovery
-        if recovery.completed.is_set() and not recovery.in_recovery:
+        feeds_ready = all(event.is_set() for event in ready_events)
+        if recovery.completed.is_set() and not recovery.in_recovery and feeds_ready:
             return view.json({"status": "ok"})
         return view.json({"status": "recovering"}, status=503)
 
