@@ -7,11 +7,11 @@ import jsonschema_rs
 import orjson
 import pytest
 
-from workers.schemas import ENVELOPE_FILE, TYPES, SchemaBook, problem, schema_for, schemas_dir
+from workers.schemas import ENVELOPE_FILE, INTERNAL_DIR, PUBLIC_TYPES, TYPES, SchemaBook, problem, schema_for, schemas_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONTRACT = REPO_ROOT.parent / "shared" / "CONTRACT.md"
-SCHEMA_FILES = sorted(schemas_dir().glob("*.json"))
+SCHEMA_FILES = sorted([*schemas_dir().glob("*.json"), *(schemas_dir() / INTERNAL_DIR).glob("*.json")])
 TYPE_NAME = re.compile(r"`([a-z]+\.[a-z]+(?:-[a-z]+)?)`")
 
 
@@ -93,8 +93,9 @@ def test_a_type_schemas_examples_are_of_that_type(type_: str) -> None:
 @pytest.mark.skipif(not CONTRACT.exists(), reason="../shared/CONTRACT.md is not beside the repository")
 def test_schemas_name_exactly_the_contracts_types() -> None:
     named = contract_types(CONTRACT.read_text(encoding="utf-8"))
-    assert named - TYPES == set(), "types in the contract without a schema"
-    assert TYPES - named == set(), "schemas for types the contract does not name"
+    assert named - PUBLIC_TYPES == set(), "types in the contract without a schema"
+    assert PUBLIC_TYPES - named == set(), "schemas for types the contract does not name"
+    assert (TYPES - PUBLIC_TYPES) & named == set(), "a contract type among the internal schemas"
 
 
 def test_contract_parser_reads_types_columns_and_the_data_list() -> None:

@@ -15,6 +15,8 @@ import jsonschema_rs
 import orjson
 
 ENVELOPE_FILE = "cloudevent.json"
+# Types Usher's stages send each other on internal repartition topics; not part of the contract.
+INTERNAL_DIR = "internal"
 NOT_A_CLOUDEVENT = "not a CloudEvent"
 # A value longer than this is abbreviated in a reason: a dead letter keeps the raw bytes anyway.
 SHOWN_VALUE_LIMIT = 60
@@ -29,15 +31,14 @@ def schemas_dir() -> Path:
 
 
 class SchemaBook:
-    """Every schema of one directory: `cloudevent.json` plus one `<type>.json` per type."""
+    """Every schema of one directory: `cloudevent.json` plus one `<type>.json` per
+    type, and the internal types' schemas in its `internal/` folder."""
 
     def __init__(self, directory: Path) -> None:
         envelope = _read(directory / ENVELOPE_FILE)
-        self._schemas = {
-            path.name.removesuffix(".json"): _read(path)
-            for path in sorted(directory.glob("*.json"))
-            if path.name != ENVELOPE_FILE
-        }
+        public = {path.name.removesuffix(".json"): path for path in directory.glob("*.json") if path.name != ENVELOPE_FILE}
+        internal = {path.name.removesuffix(".json"): path for path in (directory / INTERNAL_DIR).glob("*.json")}
+        self._schemas = {type_: _read(path) for type_, path in sorted({**public, **internal}.items())}
         # The types reference the envelope by its `$id`; the registry serves it locally and
         # `offline` forbids fetching anything else.
         options: dict[str, Any] = {
@@ -52,6 +53,7 @@ class SchemaBook:
             type_: jsonschema_rs.Draft202012Validator(schema, **options) for type_, schema in self._schemas.items()
         }
         self.types: frozenset[str] = frozenset(self._schemas)
+        self.public_types: frozenset[str] = frozenset(public)
 
     def schema_for(self, type_: str) -> dict[str, Any]:
         """The loaded schema of `type_` (KeyError for an unknown type)."""
@@ -158,5 +160,6 @@ def _shown(value: Any) -> str:
 _BOOK = SchemaBook(schemas_dir())
 
 TYPES: frozenset[str] = _BOOK.types
+PUBLIC_TYPES: frozenset[str] = _BOOK.public_types
 problem = _BOOK.problem
 schema_for = _BOOK.schema_for
