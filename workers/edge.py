@@ -11,7 +11,6 @@ import asyncio
 import base64
 import inspect
 import logging
-import time
 import weakref
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -26,6 +25,7 @@ from faust.streams import _current_event
 from faust.types import EventT
 
 from workers import envelope, schemas
+from workers.dedupe import SeenLog
 from workers.metrics import CONSUMED, DEAD_LETTERS, DUPLICATES, PRODUCED
 
 log = logging.getLogger(__name__)
@@ -122,14 +122,13 @@ def inspect_record(record: EventT) -> tuple[dict[str, Any] | None, str | None]:
 class Edge:
     """One stage's edge on a faust app: its dedupe table and its subscriptions."""
 
-    def __init__(self, app: faust.App, stage: str, *, batch_size: int, batch_within_s: float) -> None:
+    def __init__(self, app: faust.App, stage: str, *, batch_size: int, batch_within_s: float, dedupe_window: int) -> None:
         self.app = app
         self.stage = stage
         self.batch_size = batch_size
         self.batch_within_s = batch_within_s
-        # (tenant, source, id) already handled -> when; changelogged, so a
-        # record redelivered after a crash or rebalance still has its effect once.
-        self.seen = app.Table(f"{stage}-seen", default=None)
+        # Changelogged, so a record redelivered after a crash or rebalance still has its effect once.
+        self.seen = SeenLog(app, stage, dedupe_window)
         # Reference feeds this stage's handlers need before they can decide anything.
         self.waits: list[asyncio.Event] = []
 
@@ -177,7 +176,7 @@ class Edge:
                 outs.append(self._reject(problem, record, event))
                 continue
             seen_key = dedupe_key(event)
-            if seen_key in batch_ids or self.seen.get(seen_key) is not None:
+            if seen_key in batch_ids or self.seen.contains(record.message.partition, seen_key):
                 DUPLICATES.labels(self.stage).inc()
                 continue
             batch_ids.add(seen_key)
@@ -203,10 +202,7 @@ class Edge:
 
         await self.produce(outs)
         # Only what was handled counts as seen: a parked record can be replayed once fixed.
-        now = time.time()
-        for item in handled:
-            with item.context():
-                self.seen[dedupe_key(item.event)] = now
+        self.seen.add((item, dedupe_key(item.event)) for item in handled)
 
     def _guarded(self, record: EventT, call: Callable[[], Iterable[envelope.Out]]) -> list[envelope.Out]:
         try:

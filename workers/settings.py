@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 1.0
     batch_size: int = Field(default=1000, ge=1)
     batch_within_s: float = 0.05
+    # Ids per partition the edge remembers to drop repeats (see workers/dedupe.py).
+    dedupe_window: int = 20_000
 
     @field_validator("broker")
     @classmethod

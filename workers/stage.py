@@ -79,7 +79,7 @@ def build_app(stages: tuple[str, ...], settings: Settings) -> faust.App:
     register_health(app, ready_events)
     for stage in stages:
         module = importlib.import_module(f"workers.{stage}.app")
-        edge = Edge(app, stage, batch_size=settings.batch_size, batch_within_s=settings.batch_within_s)
+        edge = Edge(app, stage, batch_size=settings.batch_size, batch_within_s=settings.batch_within_s, dedupe_window=settings.dedupe_window)
         module.register(app, StageContext(stage, app, settings, edge, ready_events))
     logging.getLogger("workers").setLevel(logging.INFO)
     return app
