@@ -15,11 +15,13 @@ import weakref
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Any
 
 import faust
 import orjson
+from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 from faust.streams import _current_event
 from faust.types import EventT
@@ -227,18 +229,26 @@ class Edge:
 
 
 async def produce(app: faust.App, outs: Iterable[envelope.Out], stage: str) -> None:
+    """Produce through the app's own Kafka producer; see `produce_batches`."""
+    produced = await produce_batches(app.producer._ensure_producer(), outs)
+    for topic, count in produced.items():
+        PRODUCED.labels(stage, topic).inc(count)
+
+
+async def produce_batches(producer: AIOKafkaProducer, outs: Iterable[envelope.Out]) -> dict[str, int]:
     """Produce in one batch per partition and wait for every acknowledgement.
 
     Per-record sends cost more than the stage logic; a batch per partition
     costs one future. Partitions are chosen exactly as Kafka's default
     partitioner does (murmur2 of the key), so co-partitioning holds.
+    Returns how many records went to each topic.
     """
-    producer = app.producer._ensure_producer()  # the driver's AIOKafkaProducer
     by_partition: dict[tuple[str, int], list[envelope.Out]] = defaultdict(list)
     for out in outs:
         partitions = _PARTITIONS.get(out.topic) or await _partitions(producer, out.topic)
         by_partition[(out.topic, _partition_of(out.key.encode(), partitions))].append(out)
     acknowledgements = []
+    produced: dict[str, int] = defaultdict(int)
     for (topic, partition), items in by_partition.items():
         batch = producer.create_batch()
         for out in items:
@@ -248,18 +258,20 @@ async def produce(app: faust.App, outs: Iterable[envelope.Out], stage: str) -> N
                 batch = producer.create_batch()
                 batch.append(key=key, value=value, timestamp=None)
         acknowledgements.append(await producer.send_batch(batch, topic, partition=partition))
-        PRODUCED.labels(stage, topic).inc(len(items))
+        produced[topic] += len(items)
     if acknowledgements:
         await asyncio.gather(*acknowledgements)
+    return produced
 
 
 _PARTITIONS: dict[str, int] = {}
 
 
-async def _partitions(producer: Any, topic: str) -> int:
+async def _partitions(producer: AIOKafkaProducer, topic: str) -> int:
     _PARTITIONS[topic] = len(await producer.partitions_for(topic))
     return _PARTITIONS[topic]
 
 
+@lru_cache(maxsize=65536)  # keys repeat (contacts); murmur2 is pure Python
 def _partition_of(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
