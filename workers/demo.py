@@ -44,7 +44,8 @@ def describe(event: dict[str, Any]) -> str | None:
     if type_ == "delivery.status":
         return f"delivery  {data['status']} {data.get('channel')} for {data.get('contact')} via {data.get('provider')}" + (f": {data['error']}" if data.get("error") else "")
     if type_ == "record.rejected":
-        return f"rejected  {data['topic']}@{data['offset']}: {data['reason'][:90]}"
+        stage = event.get("source", "").rsplit("/", 1)[-1]
+        return f"rejected  by {stage} {data['topic']}@{data['offset']}: {data['reason'][:80]}"
     if type_ == "segment.member" and data.get("member"):
         return f"segment   {data['contact']} joins {data['message']}"
     if type_ == "contact.replied":
