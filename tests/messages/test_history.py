@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from workers.messages.rules import (
+    contact_history_key,
+    contact_history_page,
+    fold_recipient,
+    fold_status,
+    history_keys,
+    history_page,
+)
+
+
+def status(request: str, contact: str, name: str, at: str, orders: int = 1, kind: str = "event-message") -> dict[str, Any]:
+    return {"request": request, "message": "msg-1", "contact": contact, "channel": "email", "status": name,
+            "provider": "sendgrid", "provider_id": None, "at": f"2026-11-30T{at}.000Z", "error": None,
+            "kind": kind, "orders": orders}
+
+
+def fold(statuses: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """The message's summary and rows, as the agent's tables would hold them."""
+    summary, rows = None, {}
+    for item in statuses:
+        summary, rows[item["request"]] = fold_status(summary, rows.get(item["request"]), item)
+    return summary, rows
+
+
+SENDING = [
+    status("r1", "c-1", "sent", "12:00:02", orders=2),
+    status("r2", "c-2", "sent", "12:00:01"),
+    status("r3", "c-3", "failed", "12:00:00", orders=3),
+    status("r1", "c-1", "delivered", "12:01:00", orders=2),
+    status("r1", "c-1", "opened", "12:05:00", orders=2),
+    status("r1", "c-1", "opened", "12:05:00", orders=2),  # the same callback twice
+    status("r1", "c-1", "opened", "13:00:00", orders=2),  # opened again later
+    status("r1", "c-1", "delivered", "12:00:59", orders=2),  # a late, older callback
+    status("r2", "c-2", "deferred", "12:02:00"),
+    status("r2", "c-2", "bounced", "12:30:00"),
+    status("r4", "c-4", "sent", "12:00:03"),
+]
+
+
+def test_the_history_counts_recipients_orders_and_each_status_once_per_recipient() -> None:
+    summary, rows = fold(SENDING)
+
+    page = history_page(summary, rows.values())
+
+    assert page["message"] == "msg-1" and page["sent_at"] == "2026-11-30T12:00:01.000Z"
+    assert (page["recipients"], page["orders"], page["total"]) == (4, 7, 4)
+    assert page["statuses"] == {"sent": 3, "failed": 1, "delivered": 1, "opened": 1, "deferred": 1, "bounced": 1}
+    assert page["items"] == [
+        {"contact": "c-1", "request": "r1", "status": "opened", "at": "2026-11-30T13:00:00.000Z"},
+        {"contact": "c-2", "request": "r2", "status": "bounced", "at": "2026-11-30T12:30:00.000Z"},
+        {"contact": "c-3", "request": "r3", "status": "failed", "at": "2026-11-30T12:00:00.000Z"},
+        {"contact": "c-4", "request": "r4", "status": "sent", "at": "2026-11-30T12:00:03.000Z"},
+    ]
+
+
+def test_folding_the_same_records_again_changes_nothing() -> None:
+    once = fold(SENDING)
+    assert fold(SENDING + SENDING) == once
+
+
+def test_the_history_is_paged() -> None:
+    summary, rows = fold(SENDING)
+
+    first = history_page(summary, iter(rows.values()), page=1, size=3)
+    second = history_page(summary, iter(rows.values()), page=2, size=3)
+    beyond = history_page(summary, iter(rows.values()), page=3, size=3)
+
+    assert [item["request"] for item in first["items"]] == ["r1", "r2", "r3"]
+    assert [item["request"] for item in second["items"]] == ["r4"]
+    assert beyond["items"] == [] and beyond["total"] == 4
+
+
+@pytest.mark.parametrize(("page", "size"), [(0, 10), (1, 0), (1, 1001)])
+def test_a_page_outside_the_limits_is_refused(page: int, size: int) -> None:
+    with pytest.raises(ValueError, match="page must be 1 or more"):
+        history_page(None, [], page=page, size=size)
+
+
+def test_a_message_not_sent_yet_has_an_empty_history() -> None:
+    assert history_page(None, [], message="msg-9") == {
+        "message": "msg-9", "sent_at": None, "recipients": 0, "orders": 0, "statuses": {}, "total": 0, "items": [],
+    }
+
+
+def test_only_a_messages_own_mails_are_in_its_history() -> None:
+    def event(data: dict[str, Any]) -> dict[str, Any]:
+        return {"tenant": "t1", "data": data}
+
+    assert history_keys(event(status("r1", "c-1", "sent", "12:00:00"))) == ("t1/msg-1", "t1/msg-1/r1")
+    assert history_keys(event(status("r9", "c-1", "sent", "12:00:00", kind="test"))) is None
+    assert history_keys(event(status("r8", "c-1", "sent", "12:00:00", kind="doi-confirmation"))) is None
+
+
+def test_a_contact_sees_its_own_messages_including_tests_and_opt_in_mails() -> None:
+    statuses = [
+        status("r1", "c-1", "sent", "12:00:00"),
+        status("r1", "c-1", "clicked", "12:10:00"),
+        status("r8", "c-1", "delivered", "09:00:00", kind="doi-confirmation"),
+    ]
+    rows: dict[str, dict[str, Any]] = {}
+    for item in statuses:
+        row_key = contact_history_key({"tenant": "t1", "data": item})
+        rows[row_key] = fold_recipient(rows.get(row_key), item)
+
+    page = contact_history_page("c-1", list(rows.values()), size=1)
+
+    assert list(rows) == ["t1/c-1/r1", "t1/c-1/r8"]
+    assert page == {
+        "contact": "c-1",
+        "total": 2,
+        "items": [{"request": "r1", "message": "msg-1", "kind": "event-message", "channel": "email",
+                   "status": "clicked", "at": "2026-11-30T12:10:00.000Z"}],
+    }
