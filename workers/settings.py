@@ -21,6 +21,13 @@ class Settings(BaseSettings):
     sendgrid_host: str = "https://api.sendgrid.com"
     sendgrid_webhook_public_key: str = ""
     aws_region: str = "eu-west-1"
+    # Provider calls per second at most (a SendGrid call carries up to 1,000 mails; 0: no limit).
+    email_rate_per_s: float = 10.0
+    sms_rate_per_s: float = 20.0
+    # Where an SNS webhook message may point us (signing certificate, subscription URL): comma-separated scheme://host[:port], subdomains included.
+    sns_trusted_urls: str = "https://amazonaws.com"
+    # SNS topics the SMS webhook takes messages from (comma-separated ARNs; empty: any).
+    sns_topic_arns: str = ""
     data_dir: Path = Path("./data")
     # "rocksdb://" keeps tables on disk (production); "memory://" is for tests and demos.
     store: str = "rocksdb://"

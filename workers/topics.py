@@ -43,12 +43,17 @@ CONTRACT_TOPICS = (
 )
 
 # Repartition topics: records that must meet state kept under another key.
+SEGMENTS_FANOUT = "usher.segments.fanout"  # per-contact steps of the segments stage, keyed {tenant}/{contact}
+SEGMENTS_BY_EMAIL = "usher.segments.by-email"  # friends-and-family e-mail index and look-ups, keyed {tenant}/{email}
 INTERNAL_TOPICS = (
     # per-contact commands fanned out of bulk commands, keyed {tenant}/{contact}
     TopicSpec("usher.consent.fanout"),
-    TopicSpec("usher.segments.fanout"),
-    # friends-and-family e-mail look-ups, keyed {tenant}/{email}
-    TopicSpec("usher.segments.by-email"),
+    TopicSpec(SEGMENTS_FANOUT),
+    TopicSpec(SEGMENTS_BY_EMAIL),
+    # provider calls' recipients and the callbacks about them, keyed by correlation group {tenant}/{provider}/{message id}
+    TopicSpec("usher.messages.correlated"),
+    # provider callbacks' statuses for the contact's message history, keyed {tenant}/{contact}
+    TopicSpec("usher.messages.by-contact"),
 )
 
 ALL_TOPICS = CONTRACT_TOPICS + INTERNAL_TOPICS

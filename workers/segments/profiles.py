@@ -35,11 +35,10 @@ from typing import Any
 
 from workers.envelope import CONTACTS_REPLIES, CONTACTS_STATE, Out, contact_key, derived_id, key, make_event, parse_time
 from workers.fields import normalise_answers, validate_answers
+from workers.topics import SEGMENTS_BY_EMAIL as BY_EMAIL
+from workers.topics import SEGMENTS_FANOUT as FANOUT
 
 SOURCE = "/usher/segments"
-# Internal repartition topics (created by `workers.topics`).
-FANOUT = "usher.segments.fanout"  # keyed {tenant}/{contact}: per-contact steps
-BY_EMAIL = "usher.segments.by-email"  # keyed {tenant}/{email}: the e-mail index
 # Internal record types on those topics.
 EMAIL_CLAIMED = "segments.email-claimed"
 EMAIL_RELEASED = "segments.email-released"
