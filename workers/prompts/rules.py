@@ -46,11 +46,15 @@ def empty_config() -> ConfigState:
 
 
 def apply_config(
-    config_state: ConfigState | None, event: Mapping[str, Any]
+    config_state: ConfigState | None, event: Mapping[str, Any], *, replayed: bool = False
 ) -> tuple[ConfigState, str | None]:
     """Apply one `ticketing.config` record. Returns the new state and None, or the unchanged state
     and the reason the record was rejected (for the dead letters): the last valid version stays in
-    force. Config kinds of other stages (filter, layout) leave the state as it is."""
+    force. Config kinds of other stages (filter, layout) leave the state as it is.
+
+    `replayed` marks a record read back when a worker starts, which was judged when it arrived:
+    an opt-in its set names may have been deleted since, which the set survives (see above), so a
+    replayed set is not rejected for naming opt-ins that are not defined."""
     state = config_state or empty_config()
     kind = event["type"].removeprefix("config.")
     data = event["data"]
@@ -62,7 +66,10 @@ def apply_config(
     config_id = data.get("id")
     if not isinstance(config_id, str) or not config_id:
         return state, f"config.{kind} without an id: give data.id, the id in the record key"
-    problem = _PROBLEMS[kind](state, data)
+    if kind == "optin-set":
+        problem = _optin_set_problem(state, data, replayed=replayed)
+    else:
+        problem = _PROBLEMS[kind](state, data)
     if problem:
         return state, problem
     section = _SECTIONS[kind]
@@ -155,7 +162,7 @@ def _optin_problem(state: ConfigState, data: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _optin_set_problem(state: ConfigState, data: Mapping[str, Any]) -> str | None:
+def _optin_set_problem(state: ConfigState, data: Mapping[str, Any], *, replayed: bool) -> str | None:
     set_id = data["id"]
     name = f"opt-in set {set_id!r}"
     optins = data.get("optins")
@@ -165,7 +172,7 @@ def _optin_set_problem(state: ConfigState, data: Mapping[str, Any]) -> str | Non
     if repeated is not None:
         return f"{name}: lists opt-in {repeated!r} more than once"
     unknown = [optin_id for optin_id in optins if optin_id not in state["optins"]]
-    if unknown:
+    if unknown and not replayed:
         return f"{name}: names opt-ins that are not defined ({', '.join(unknown)}); define them first or leave them out"
     if not isinstance(data.get("default", False), bool):
         return f"{name}: default must be true or false"
@@ -182,7 +189,7 @@ def _custom_field_problem(state: ConfigState, data: Mapping[str, Any]) -> str | 
     return field_config_error(data)
 
 
-_PROBLEMS = {"optin": _optin_problem, "optin-set": _optin_set_problem, "custom-field": _custom_field_problem}
+_PROBLEMS = {"optin": _optin_problem, "custom-field": _custom_field_problem}
 
 
 def prompt_for(

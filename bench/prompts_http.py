@@ -1,0 +1,143 @@
+"""`GET /v1/prompts` latency: p99 at a steady 500 requests a second, with 100,000 contacts known.
+
+The tenant's configuration and one `consent.status` per contact are published first; then one
+prompts worker is started and, once it has read them all, requests for random contacts go out
+open-loop (each at its planned moment, whether or not earlier ones were answered), and each
+latency counts from that moment, so a stalled worker cannot hide behind a waiting client.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiokafka import AIOKafkaProducer
+
+from workers import envelope
+from workers.broker import free_port
+from workers.edge import produce_batches
+from workers.shop import LANGUAGES, Shop
+
+TENANT = "bench-prompts-http"
+TOKEN = "bench-prompts-token"
+CONTACTS = 100_000
+REQUESTS_PER_S = 500
+DURATION_S = 10.0
+STATUSES = ("opted_in", "opted_out", "pending", "expired", "unknown")
+READY_TIMEOUT_S = 300.0
+
+
+def consent_status(number: int) -> envelope.Out:
+    contact = f"c-{number}"
+    rng = random.Random(number)
+    optins = {optin: {"status": rng.choice(STATUSES), "method": "checkout", "channel": "web"} for optin in ("newsletter", "sms-alerts")}
+    event = envelope.make_event("consent.status", TENANT, {"contact": contact, "optins": optins}, source="/bench")
+    return envelope.Out(envelope.CONSENT_STATE, envelope.contact_key(TENANT, contact), event)
+
+
+async def seed(bootstrap: str, contacts: int) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024)
+    await producer.start()
+    try:
+        await produce_batches(producer, Shop(tenant=TENANT).setup())
+        for start in range(0, contacts, 10_000):
+            await produce_batches(producer, [consent_status(n) for n in range(start, min(start + 10_000, contacts))])
+    finally:
+        await producer.stop()
+
+
+async def consumed(session: aiohttp.ClientSession, base: str, topic: str) -> float:
+    """Records of `topic` the worker's prompts stage has read (its /metrics); 0 while it starts."""
+    try:
+        async with session.get(f"{base}/metrics") as response:
+            text = await response.text()
+    except aiohttp.ClientError:
+        return 0.0
+    found = re.search(rf'^usher_records_consumed_total{{stage="prompts",topic="{re.escape(topic)}"}} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+async def wait_caught_up(session: aiohttp.ClientSession, base: str, contacts: int, worker: subprocess.Popen) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while await consumed(session, base, envelope.CONSENT_STATE) < contacts:
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"prompts worker did not read {contacts} consent states in time")
+        await asyncio.sleep(0.5)
+    while True:
+        async with session.get(f"{base}/readyz") as response:
+            if response.status == 200:
+                return
+        await asyncio.sleep(0.2)
+
+
+async def drive(session: aiohttp.ClientSession, base: str, contacts: int) -> tuple[list[float], int]:
+    """Latencies (ms) of the answered requests, and how many failed."""
+    rng = random.Random(1)
+    latencies: list[float] = []
+    failures = 0
+
+    async def ask(planned: float) -> None:
+        nonlocal failures
+        params = {"tenant": TENANT, "event": "ev-hamlet", "channel": "web", "contact": f"c-{rng.randrange(contacts)}",
+                  "language": rng.choice(LANGUAGES)}
+        try:
+            async with session.get(f"{base}/v1/prompts", params=params, headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+                await response.read()
+                ok = response.status == 200
+        except aiohttp.ClientError:
+            ok = False
+        if ok:
+            latencies.append((time.perf_counter() - planned) * 1000)
+        else:
+            failures += 1
+
+    started = time.perf_counter()
+    tasks = []
+    for number in range(int(REQUESTS_PER_S * DURATION_S)):
+        planned = started + number / REQUESTS_PER_S
+        await asyncio.sleep(max(0.0, planned - time.perf_counter()))
+        tasks.append(asyncio.create_task(ask(planned)))
+    await asyncio.gather(*tasks)
+    return latencies, failures
+
+
+async def measure(bootstrap: str, workdir: Path, contacts: int = CONTACTS) -> dict[str, Any]:
+    await seed(bootstrap, contacts)
+    port = free_port()
+    env = {**os.environ, "USHER_BROKER": f"kafka://{bootstrap}", "USHER_STORE": "memory://", "USHER_DATA_DIR": str(workdir / "data-prompts-http"),
+           "USHER_SESSION_TIMEOUT_S": "6", "USHER_REBALANCE_TIMEOUT_S": "6", "USHER_PARTITIONS": os.environ.get("USHER_PARTITIONS", "6"),
+           "USHER_API_TOKENS": f"{TENANT}={TOKEN}"}
+    log = (workdir / "prompts-http.log").open("wb")
+    worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "prompts", "--web-port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            await wait_caught_up(session, base, contacts, worker)
+            started = time.perf_counter()
+            latencies, failures = await drive(session, base, contacts)
+            elapsed = time.perf_counter() - started
+        if not latencies:
+            return {"prompts_http_p99_ms": None, "note": f"no request answered; see {log.name}"}
+        latencies.sort()
+        return {
+            "prompts_http_p99_ms": round(latencies[max(0, int(len(latencies) * 0.99) - 1)], 2),
+            "prompts_http_p50_ms": round(statistics.median(latencies), 2),
+            "rps": round(len(latencies) / elapsed, 1),
+            "contacts": contacts,
+            "failed": failures,
+        }
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
