@@ -23,6 +23,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from bench import consent_revoke
 from workers import envelope
 from workers.edge import produce_batches
 from workers.broker import free_port, start_broker, stop_broker
@@ -32,6 +33,7 @@ from workers.topics import create_topics_sync
 PARTITIONS = 6
 RESULTS = Path(__file__).resolve().parent / "results.json"
 BASELINE_RECORDS = 100_000
+IDLE_S = 5.0
 
 
 @dataclass
@@ -62,6 +64,10 @@ def message_requests(shop: Shop, count: int) -> list[envelope.Out]:
                                  envelope.make_event("message.requested", shop.tenant, data, source="/bench")))
     return outs
 
+
+EXTRA_BENCHES = [
+    ("consent", consent_revoke.measure),
+]
 
 STAGE_BENCHES = [
     StageBench("prompts", envelope.PROMPTS, lambda shop: checkouts(shop, 20_000), lambda n: n),
@@ -134,6 +140,7 @@ async def measure_stage(bootstrap: str, bench: StageBench, workdir: Path) -> dic
         first_at = last_at = None
         produced = 0
         deadline = time.monotonic() + 300
+        # Done when every expected output is there, or nothing new came for a few seconds.
         while produced < expected and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
             now_total = await end_offset_total(probe, bench.output_topic) - before
@@ -141,6 +148,8 @@ async def measure_stage(bootstrap: str, bench: StageBench, workdir: Path) -> dic
                 first_at = first_at or time.perf_counter()
                 last_at = time.perf_counter()
                 produced = now_total
+            elif last_at and time.perf_counter() - last_at > IDLE_S:
+                break
             if worker.poll() is not None:
                 break
         if not first_at or produced < 2 or last_at == first_at:
@@ -176,6 +185,10 @@ async def main() -> dict[str, Any]:
             figures["ratio"] = round(figures["per_s"] / base, 3) if base else 0.0
             results["stages"][bench.stage] = figures
             print(f"{bench.stage:9} {figures['per_s']:10.0f} records/s  ratio {figures['ratio']:.3f}  ({figures})", flush=True)
+        for name, extra in EXTRA_BENCHES:
+            figures = await extra(bootstrap, workdir)
+            results.update(figures)
+            print(f"{name:9} {figures}", flush=True)
         return results
     finally:
         stop_broker(broker)

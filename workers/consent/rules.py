@@ -384,7 +384,7 @@ def _on_set(run: _Contact, event: Event, at: datetime) -> None:
         ip=data.get("ip"),
         user=data.get("user"),
         note=data.get("reason"),
-        evidence=_evidence(bulk=event["id"]) if bulk else _evidence(),
+        evidence=_evidence(bulk=data["bulk"]) if bulk else _evidence(),
     )
     run.change(optin, data["status"], at, how, event)
 
@@ -432,12 +432,13 @@ _RULES: dict[str, Callable[[_Contact, Event, datetime], None]] = {
 HANDLED_TYPES = frozenset(_RULES)
 
 
-def _contact_of(event: Event) -> str:
+def contact_of(event: Event) -> str:
+    """The contact a record of `HANDLED_TYPES` is about (its record key is `{tenant}/{contact}`)."""
     data = event["data"]
     if event["type"] == "order.placed":
         return data["contact"]["id"]
     if event["type"] == "consent.bulk-set":
-        if len(data.get("contacts") or ()) != 1:
+        if len(data.get("contacts") or ()) != 1 or "bulk" not in data:
             raise ValueError("a consent.bulk-set reaches apply for one contact: see bulk_for_contact")
         return data["contacts"][0]
     return data["contact"]
@@ -459,7 +460,7 @@ def apply(
     """Apply one input record to its contact's state (None: never seen). Types outside
     `HANDLED_TYPES` change nothing. `settings` is the tenant's `config.settings` data, `optins` its
     `config.optin` data by opt-in id. The input is not modified."""
-    tenant, contact = event["tenant"], _contact_of(event)
+    tenant, contact = event["tenant"], contact_of(event)
     state = _copy(state) if state is not None else new_state(tenant, contact)
     if (state["private"]["tenant"], state["status"]["contact"]) != (tenant, contact):
         raise ValueError(f"state of {contact_key(state['private']['tenant'], state['status']['contact'])} "
@@ -474,10 +475,16 @@ def apply(
 
 def bulk_for_contact(bulk: Event, contact: str) -> Event:
     """A `consent.bulk-set` narrowed to one of its contacts (still a valid `consent.bulk-set`), to
-    route to that contact's partition and `apply`. It keeps the command's id and source: the log
-    names it in `evidence.bulk`, and output ids stay distinct per contact."""
+    route to that contact's partition and `apply`. Each copy has its own id, derived from the
+    command's, because (tenant, source, id) is what the edge drops repeats by: copies for two
+    contacts must not look like one record, while a redelivered command yields the same copies.
+    `data.bulk` keeps the command's id, which the log names in `evidence.bulk`."""
     data = {k: v for k, v in bulk["data"].items() if k != "segment"}
-    return {**bulk, "data": {**data, "contacts": [contact]}}
+    return {
+        **bulk,
+        "id": derived_id(bulk, f"bulk/{contact}"),
+        "data": {**data, "contacts": [contact], "bulk": bulk["id"]},
+    }
 
 
 def _expires_at(cycle: Mapping[str, Any], policy: DoiPolicy) -> datetime:
@@ -517,12 +524,12 @@ def due(
 def next_due_at(state: Mapping[str, Any], settings: Settings | None) -> datetime | None:
     """When `due` next has something to do for this contact (None: nothing pending), for the
     agent's schedule table. Recompute it after every `apply`/`due` and when settings change."""
+    cycles = [book["doi"] for book in state["private"]["optins"].values() if book.get("doi") is not None]
+    if not cycles:  # most contacts: no policy to work out
+        return None
     policy = DoiPolicy.from_settings(settings)
     moments = []
-    for book in state["private"]["optins"].values():
-        cycle = book.get("doi")
-        if cycle is None:
-            continue
+    for cycle in cycles:
         expires_at = _expires_at(cycle, policy)
         reminder_at = _next_reminder_at(cycle, policy)
         moments.append(min(expires_at, reminder_at) if reminder_at is not None else expires_at)

@@ -103,9 +103,10 @@ def make_confirm_token(claims: ConfirmClaims, secret: str, now: datetime) -> str
     return _make(claims, _CONFIRM_SALT, secret, now)
 
 
-def read_confirm_token(token: str, secret: str, max_age_s: float, now: datetime) -> ConfirmClaims:
+def read_confirm_token(token: str, secret: str, max_age_s: float | None, now: datetime) -> ConfirmClaims:
     """The claims of a confirmation token; raises TokenInvalid or TokenExpired.
-    `max_age_s` is the tenant's `doi_expire_after_days` in seconds (see `rules.DoiPolicy`)."""
+    `max_age_s` is the tenant's `doi_expire_after_days` in seconds (see `rules.DoiPolicy`); None
+    checks only that the token is authentic, e.g. to learn its tenant before that."""
     return _read(token, ConfirmClaims, _CONFIRM_SALT, secret, max_age_s, now)
 
 

@@ -1,0 +1,129 @@
+"""Revocation latency under load: `consent.revoke` published -> `consent.state` updated.
+
+Contacts are opted in first; then, while a shop keeps placing 1,000 orders a
+second, one revocation goes out every 20 ms and the time until that contact's
+`consent.status` shows `opted_out` is recorded.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from workers import envelope
+from workers.broker import free_port
+from workers.shop import Shop
+
+TENANT = "bench-revoke"
+REVOCATIONS = 300
+BACKGROUND_PER_S = 1000
+
+
+def revoke(contact: str) -> envelope.Out:
+    data = {"contact": contact, "optin": "newsletter", "channel": "portal", "ip": "198.51.100.4", "user_agent": "bench"}
+    return envelope.Out(envelope.COMMANDS, envelope.key(TENANT, contact), envelope.make_event("consent.revoke", TENANT, data, source="/bench"))
+
+
+def opted_in_order(shop: Shop, number: int) -> envelope.Out:
+    order = shop.order()
+    assert order.event is not None
+    contact = shop.contact(number) | {"id": f"r-{number}"}
+    order.event["data"]["contact"] = contact
+    order.event["data"]["optins"] = [{"optin": "newsletter", "answer": True, "prechecked": False, "text_shown": "News", "version": 1}]
+    return envelope.Out(envelope.ORDERS, envelope.key(TENANT, contact["id"]), order.event)
+
+
+async def wait_ready(port: int, timeout: float = 90) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        await asyncio.sleep(0.3)
+    raise RuntimeError("consent worker not ready")
+
+
+async def measure(bootstrap: str, workdir: Path) -> dict[str, Any]:
+    shop = Shop(tenant=TENANT, contacts=5_000)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1)
+    await producer.start()
+    port = free_port()
+    env = {**os.environ, "USHER_BROKER": f"kafka://{bootstrap}", "USHER_STORE": "memory://", "USHER_DATA_DIR": str(workdir / "data-revoke"),
+           "USHER_SESSION_TIMEOUT_S": "6", "USHER_REBALANCE_TIMEOUT_S": "6", "USHER_PARTITIONS": os.environ.get("USHER_PARTITIONS", "6")}
+    log = (workdir / "consent-revoke.log").open("wb")
+    worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "consent", "--web-port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    watcher = AIOKafkaConsumer(envelope.CONSENT_STATE, bootstrap_servers=bootstrap, auto_offset_reset="latest", enable_auto_commit=False)
+    try:
+        settings = {"double_opt_in": False, "default_language": "en"}
+        await producer.send_and_wait(envelope.CONFIG, key=f"{TENANT}/settings/default".encode(),
+                                     value=envelope.dumps(envelope.make_event("config.settings", TENANT, settings, source="/bench")))
+        for number in range(REVOCATIONS):
+            out = opted_in_order(shop, number)
+            await producer.send(out.topic, key=out.key.encode(), value=out.value_bytes())
+        await producer.flush()
+        await wait_ready(port)
+        await watcher.start()
+        await asyncio.sleep(2)  # let the opt-ins through before timing revocations
+
+        sent_at: dict[str, float] = {}
+        latencies: list[float] = []
+
+        async def watch() -> None:
+            async for record in watcher:
+                event = envelope.loads(record.value) if record.value else None
+                if not event or event["tenant"] != TENANT:
+                    continue
+                contact = event["data"]["contact"]
+                status = event["data"]["optins"].get("newsletter", {}).get("status")
+                if status == "opted_out" and contact in sent_at:
+                    latencies.append((time.perf_counter() - sent_at.pop(contact)) * 1000)
+
+        async def background() -> None:
+            while True:
+                started = time.perf_counter()
+                for _ in range(BACKGROUND_PER_S // 20):
+                    order = shop.order()
+                    await producer.send(order.topic, key=order.key.encode(), value=order.value_bytes())
+                await asyncio.sleep(max(0.0, 0.05 - (time.perf_counter() - started)))
+
+        tasks = [asyncio.create_task(watch()), asyncio.create_task(background())]
+        for number in range(REVOCATIONS):
+            out = revoke(f"r-{number}")
+            sent_at[f"r-{number}"] = time.perf_counter()
+            await producer.send(out.topic, key=out.key.encode(), value=out.value_bytes())
+            await asyncio.sleep(0.02)
+        deadline = time.monotonic() + 30
+        while sent_at and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for task in tasks:
+            task.cancel()
+        if len(latencies) < REVOCATIONS // 2:
+            return {"revoke_to_state_p99_ms": None, "note": f"only {len(latencies)} of {REVOCATIONS} revocations seen"}
+        latencies.sort()
+        return {
+            "revoke_to_state_p99_ms": round(latencies[int(len(latencies) * 0.99) - 1], 1),
+            "revoke_to_state_p50_ms": round(statistics.median(latencies), 1),
+            "revocations": len(latencies),
+            "background_orders_per_s": BACKGROUND_PER_S,
+            "missing": len(sent_at),
+        }
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        await watcher.stop()
+        await producer.stop()
