@@ -156,7 +156,8 @@ def member(
     )
 
 
-def _live(message_record: Mapping[str, Any], event_record: Mapping[str, Any] | None) -> bool:
+def live(message_record: Mapping[str, Any], event_record: Mapping[str, Any] | None) -> bool:
+    """Neither the message nor its event (None: not known yet) is cancelled."""
     return message_record["type"] == "message.defined" and (
         event_record is None or event_record["type"] == "event.scheduled"
     )
@@ -175,7 +176,7 @@ def update_membership(
 ) -> Outcome:
     """Re-judge one (message, contact) after `cause` (the record that changed the profile, the
     consents, the message or the event); emits `segment.member` when the judgement changed."""
-    if not _live(message_record, event_record):
+    if not live(message_record, event_record):
         return Outcome(entry)
     message = message_record["data"]
     event = event_record["data"] if event_record else None
@@ -238,7 +239,7 @@ def due_request(
     timer for the entries of every message whose window is open, and after each change to an entry
     or its contact's profile (a late buyer, a phone number added)."""
     if not (
-        entry and entry["member"] and not entry["requested"] and event_record and _live(message_record, event_record)
+        entry and entry["member"] and not entry["requested"] and event_record and live(message_record, event_record)
     ):
         return Outcome(entry)
     message, event = message_record["data"], event_record["data"]
