@@ -1,10 +1,119 @@
 from __future__ import annotations
 
-import pytest
+import re
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import pytest
+from harness import Kafka, WorkerProcess, event, http
+
+from workers import envelope
+from workers.broker import free_port, start_broker, stop_broker
 from workers.messages.render import LayoutRenderer
+from workers.topics import create_topics_sync
+
+from .helpers import SETTINGS, message_requested
 
 
 @pytest.fixture(scope="session")
 def renderer() -> LayoutRenderer:
     return LayoutRenderer()
+
+
+class MessagesDriver:
+    """A worker running the messages stage, seen from outside: Kafka in and out, its web port, its outbox."""
+
+    def __init__(self, kafka: Kafka, worker: WorkerProcess, tokens: dict[str, str]) -> None:
+        self.kafka, self.worker, self.tokens = kafka, worker, tokens
+
+    @property
+    def outbox(self) -> Path:
+        return self.worker.workdir / "outbox"
+
+    def consumed(self, topic: str) -> float:
+        """How many records of `topic` the worker's messages stage has read (its /metrics)."""
+        with urllib.request.urlopen(f"{self.worker.url}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        pattern = rf'^usher_records_consumed_total{{stage="messages",topic="{re.escape(topic)}"}} (\S+)$'
+        found = re.search(pattern, text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    def publish_reference(self, records: list[tuple[str, str, dict[str, Any] | None]]) -> None:
+        """Publish (topic, key, value) records the stage reads whole into memory, and wait until it
+        has read them: its agents do not wait for later reference records, so a test must."""
+        topics = {topic for topic, _, _ in records}
+        expected = {topic: self.consumed(topic) + sum(1 for t, _, _ in records if t == topic) for topic in topics}
+        for topic, key, value in records:
+            self.kafka.send(topic, key, value)
+        deadline = time.monotonic() + 30
+        while any(self.consumed(topic) < count for topic, count in expected.items()):
+            assert time.monotonic() < deadline, f"the messages stage did not read {sorted(topics)} in time"
+            time.sleep(0.1)
+
+    def configure(self, tenant: str, settings: dict[str, Any] = SETTINGS, *,
+                  optins: dict[str, dict[str, Any]] | None = None) -> None:
+        records = [(envelope.CONFIG, f"{tenant}/settings/default", event("config.settings", tenant, settings))]
+        records += [(envelope.CONFIG, f"{tenant}/optin/{o}", event("config.optin", tenant, data)) for o, data in (optins or {}).items()]
+        self.publish_reference(records)
+
+    def request(self, tenant: str, **fields: Any) -> dict[str, Any]:
+        """Publish a `message.requested` (see helpers.message_requested) and return it."""
+        requested = message_requested(tenant=tenant, **fields)
+        self.send(requested)
+        return requested
+
+    def send(self, requested: dict[str, Any]) -> None:
+        self.kafka.send(envelope.OUTBOX, f"{requested['tenant']}/{requested['data']['contact']}", requested)
+
+    def statuses(self, tenant: str, predicate: Callable[[dict[str, list[dict[str, Any]]]], Any],
+                 timeout: float = 30) -> dict[str, list[dict[str, Any]]]:
+        """The tenant's `delivery.status` records by request, once `predicate` holds for them."""
+        def by_request(found: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+            grouped: dict[str, list[dict[str, Any]]] = {}
+            for record in found:
+                grouped.setdefault(record["data"]["request"], []).append(record)
+            return grouped
+
+        found = self.kafka.wait_for(envelope.DELIVERIES, tenant, lambda f: predicate(by_request(f)), timeout=timeout,
+                                    type_="delivery.status")
+        return by_request(found)
+
+
+    def get_until(self, path: str, token: str, predicate: Callable[[Any], Any], timeout: float = 30) -> Any:
+        """The JSON answer to `GET path` once it satisfies `predicate`: the stage folds statuses
+        into its history after they are out, so an answer can lag behind the topic."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body, _ = http("GET", f"{self.worker.url}{path}", token=token)
+            if status == 200 and predicate(body):
+                return body
+            assert time.monotonic() < deadline, f"GET {path} answered {status} {body}"
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def messages(usher: WorkerProcess, kafka: Kafka, api_tokens: dict[str, str]) -> MessagesDriver:
+    return MessagesDriver(kafka, usher, api_tokens)
+
+
+@pytest.fixture(scope="module")
+def own_broker() -> Iterator[str]:
+    """A broker of the module's own, for workers with other settings than the shared one: every
+    worker consumes every topic, so on the shared broker they would also send other tests' mail."""
+    port = free_port()
+    process = start_broker(port)
+    try:
+        create_topics_sync(f"127.0.0.1:{port}", 4)
+        yield f"kafka://127.0.0.1:{port}"
+    finally:
+        stop_broker(process)
+
+
+@pytest.fixture(scope="module")
+def own_kafka(own_broker: str) -> Iterator[Kafka]:
+    client = Kafka(own_broker.removeprefix("kafka://"))
+    yield client
+    client.close()

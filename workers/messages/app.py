@@ -1,15 +1,776 @@
-"""The messages stage's faust wiring (walking skeleton: consumes its real topics)."""
+"""The messages stage's faust wiring: the sender, the callback and history agents, and the web views.
+
+Where each piece of state lives, and why:
+- Reference data (`ticketing.config`: settings, opt-ins, layouts; `ticketing.events`;
+  `ticketing.messages`) is read whole by every worker into memory (`Reference`). A tenant's
+  `config.layout` is compiled and tried on sample data first; one that does not compile is
+  dead-lettered and the previous one stays.
+- `messages-ledger` (key `{tenant}/{contact}`, as `messages.outbox`): every request of the
+  contact, `{request: row}`. It is the never-twice rule and the contact's own message history
+  (`GET /v1/contacts/{tenant}/{contact}/messages`). Before any provider call a `queued` row is
+  written and its changelog record acknowledged by Kafka; after the provider answered, the row
+  gets the outcome (`sent`, `failed`, `unknown`). A request found in the ledger is never handed
+  to a provider again: a row still `queued` (the worker stopped between the provider call and
+  the outcome) becomes `unknown` for a person to look at, and a finished one gives its status
+  again (the same record, so readers drop it as a repeat if it was already out).
+  Statuses from provider callbacks reach the row through `usher.messages.by-contact`.
+- `messages-sends` and `messages-waiting` (keyed by correlation group, as callbacks are on
+  `usher.messages.correlated`): what a provider callback needs to know about its request. After
+  each provider call the sender sends one `usher.message-correlation` record per call (a
+  SendGrid call's recipients share one X-Message-Id; an SMS is a call of its own) naming each
+  recipient's address, request, message, contact and channel, keyed by the call's correlation
+  group `{tenant}/{provider}/{message id}`. A callback names that message id: one without a
+  request id is keyed by its group by the webhooks already; one with a request id (keyed by it,
+  as the contract has it) is passed on to `usher.messages.correlated` under its group. So the
+  callback agent finds the request in its own partition; a callback that comes before its
+  call's record waits. One record per provider call, rather than one per recipient, keeps the
+  sending path short.
+- `messages-history` (key `{tenant}/{message}`, as `messages.deliveries`): each message's
+  summary, its rows numbered in order of arrival (`{tenant}/{message}/#{n}`, so a page is read
+  by number) and each request's row number (`{tenant}/{message}/{request}`).
+
+A GET about a contact or a message is answered by the worker that owns its partition; another
+worker passes the request on to it. A `queued` status is not published: it lives in the ledger.
+"""
 from __future__ import annotations
 
-import faust
+import asyncio
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from workers import envelope
-from workers.edge import Accepted
+import aiohttp
+import faust
+import orjson
+from faust.types import TP
+from faust.web import Request, Response, View
+from yarl import URL
+
+from workers import envelope, schemas, web
+from workers.consent.rules import Links
+from workers.edge import Accepted, produce
+from workers.messages import rules, webhooks
+from workers.messages.providers import (
+    EmailProvider,
+    EmailSend,
+    ProviderResult,
+    SmsProvider,
+    SmsSend,
+    make_email_provider,
+    make_sms_provider,
+)
+from workers.messages.render import SAMPLE_CONTACT, LayoutRenderer, RenderError
 from workers.stage import StageContext
+
+log = logging.getLogger(__name__)
+
+# Created with the contract's topics (workers/topics.py).
+CORRELATED = "usher.messages.correlated"
+BY_CONTACT = "usher.messages.by-contact"
+CORRELATION = "usher.message-correlation"
+TEST_SOURCE = "/usher/messages/test"
+# The contact of a test send, which goes to an address rather than to a contact.
+TEST_CONTACT = "test"
+QUEUED = "queued"
+# Providers with webhooks: only their sends need to be found again from a callback.
+CALLBACK_PROVIDERS = frozenset({"sendgrid", "end-user-messaging", "sns"})
+# What a callback needs to know about its request, besides the provider's message id.
+RECIPIENT_FIELDS = ("request", "message", "contact", "channel", "kind", "orders")
+# Callbacks kept per correlation group while its provider call's record has not come.
+MAX_WAITING = 100
+FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=10)
+FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10)
+ROW_SEPARATOR = "/#"
+# RocksDB's defaults (per partition of every table: up to three 64 MB write buffers and a
+# 2 GB block cache) let a worker's memory grow with every mail sent; these keep it flat.
+ROCKSDB_OPTIONS = {"write_buffer_size": 4 << 20, "max_write_buffer_number": 2, "block_cache_size": 8 << 20}
+
+
+def unknown_reason(provider: str | None) -> str:
+    return (
+        f"the worker stopped after handing the request to {provider or 'the provider'} and before recording "
+        "its answer: it may have been sent, so it is not sent again"
+    )
+
+
+@dataclass
+class Tenant:
+    settings: dict[str, Any] = field(default_factory=dict)
+    optins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    layouts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: dict[str, dict[str, Any]] = field(default_factory=dict)
+    messages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Reference:
+    """What the feed keeps in memory, per tenant."""
+
+    CONFIG_KINDS = ("settings", "optin", "layout")
+
+    def __init__(self, renderer: LayoutRenderer) -> None:
+        self.renderer = renderer
+        self.tenants: dict[str, Tenant] = defaultdict(Tenant)
+
+    def tenant(self, tenant: str) -> Tenant:
+        return self.tenants.get(tenant) or Tenant()
+
+    def apply(self, topic: str, key: str, event: dict[str, Any] | None) -> str | None:
+        tenant, _, rest = key.partition("/")
+        if topic == envelope.CONFIG:
+            return self._config(tenant, rest, event)
+        found = self.tenants[tenant].events if topic == envelope.EVENTS else self.tenants[tenant].messages
+        if event is None:
+            found.pop(rest, None)
+            return None
+        id_ = event["data"]["event" if topic == envelope.EVENTS else "message"]
+        if (tenant, rest) != (event["tenant"], id_):
+            return f"key {key!r} is not {event['tenant']}/{id_}"
+        if event["type"] in ("event.scheduled", "message.defined"):
+            found[id_] = event["data"]
+        else:
+            found.pop(id_, None)
+        return None
+
+    def _config(self, tenant: str, rest: str, event: dict[str, Any] | None) -> str | None:
+        kind, _, id_ = rest.partition("/")
+        if event is not None:
+            expected = (event["tenant"], event["type"].removeprefix("config."), event["data"].get("id", id_))
+            if (tenant, kind, id_) != expected:
+                return f"key {tenant}/{rest} is not {'/'.join(expected)}"
+        if kind not in self.CONFIG_KINDS:
+            return None
+        config = self.tenants[tenant]
+        if kind == "settings":
+            config.settings = {} if event is None else event["data"]
+        elif kind == "optin":
+            if event is None:
+                config.optins.pop(id_, None)
+            else:
+                config.optins[id_] = event["data"]
+        else:
+            if event is not None:
+                problem = self.renderer.compile_layout(event["data"])
+                if problem is not None:
+                    return f"layout {id_!r} cannot be used, the previous one stays: {problem}"
+            self.renderer.forget(tenant, id_)
+            if event is None:
+                config.layouts.pop(id_, None)
+            else:
+                config.layouts[id_] = event["data"]
+        return None
+
+
+class BatchedTable(faust.Table):
+    """A table whose changelog records go out in batches, and can be awaited.
+
+    Faust sends (and logs) every change on its own, which costs more than the stage's
+    own work per record. Here changes are kept until `await table.flush()`, which sends
+    the last value of each key changed since, one batch per partition, and returns once
+    Kafka has acknowledged them. Call it before the handler returns: its outputs, and
+    so the commit of its input offsets, come after. A change goes to the changelog
+    partition of the current record, as faust's own does.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._changes: dict[int, dict[Any, Any]] = defaultdict(dict)
+
+    def on_key_set(self, key: Any, value: Any) -> None:
+        self._changes[self.partition_for_key(key)][key] = value
+
+    def on_key_del(self, key: Any) -> None:
+        self._changes[self.partition_for_key(key)][key] = None
+
+    async def flush(self) -> None:
+        changes, self._changes = self._changes, defaultdict(dict)
+        if not changes:
+            return
+        producer = self.app.producer._ensure_producer()
+        topic = self.changelog_topic
+        name = topic.get_topic_name()
+        sent = []
+        for partition, values in changes.items():
+            batch, count = producer.create_batch(), 0
+            for key, value in values.items():
+                record = {
+                    "key": topic.prepare_key(key, self.key_serializer)[0],
+                    "value": None if value is None else topic.prepare_value(value, self.value_serializer)[0],
+                    "timestamp": None,
+                }
+                if batch.append(**record) is None:
+                    sent.append((partition, count, await producer.send_batch(batch, name, partition=partition)))
+                    batch, count = producer.create_batch(), 0
+                    batch.append(**record)
+                count += 1
+            sent.append((partition, count, await producer.send_batch(batch, name, partition=partition)))
+        for partition, count, acknowledgement in sent:
+            metadata = await acknowledgement
+            # What faust records per change: a RocksDB store resumes its recovery after this offset.
+            self.data.set_persisted_offset(TP(name, partition), metadata.offset + count - 1)
+
+
+def batched_table(app: faust.App, name: str) -> BatchedTable:
+    """`app.Table(name, default=None)`, as a `BatchedTable`."""
+    return app.tables.add(BatchedTable(app, name=name, default=None, beacon=app.tables.beacon, options=dict(ROCKSDB_OPTIONS)))
+
+
+class LedgerRows:
+    """The ledger rows one batch reads and writes; each contact's rows are read once."""
+
+    def __init__(self, ledger: BatchedTable) -> None:
+        self.ledger = ledger
+        self._rows: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def of(self, item: Accepted, key: str) -> dict[str, dict[str, Any]]:
+        rows = self._rows.get(key)
+        if rows is None:
+            with item.context():
+                rows = self._rows[key] = dict(self.ledger.get(key) or {})
+        return rows
+
+    def put(self, item: Accepted, key: str, row: dict[str, Any]) -> None:
+        rows = self.of(item, key)
+        rows[row["request"]] = row
+        with item.context():
+            self.ledger[key] = rows
+
+
+def outcome_row(row: dict[str, Any] | None, status: envelope.Out) -> dict[str, Any]:
+    """The ledger row once the request's own status (sent, failed, unknown) is known."""
+    data = status.event["data"]
+    new = rules.fold_recipient(row, data)
+    new["outcome"] = {name: data.get(name) for name in ("status", "at", "provider", "provider_id", "error")}
+    return new
+
+
+def queued_row(request: dict[str, Any], provider: str, at: str) -> dict[str, Any]:
+    data = request["data"]
+    status = {name: data[name] for name in ("request", "message", "contact", "channel", "kind")} | {"status": QUEUED, "at": at}
+    return rules.fold_recipient(None, status) | {"provider": provider}
+
+
+class Sender:
+    """The agent on `messages.outbox`: a batch's new requests are planned, marked `queued`
+    in the ledger (durably), handed to the providers together, and their outcomes recorded."""
+
+    def __init__(self, ctx: StageContext, reference: Reference, renderer: LayoutRenderer, ledger: BatchedTable,
+                 email: EmailProvider, sms: SmsProvider) -> None:
+        self.ctx, self.reference, self.renderer, self.ledger = ctx, reference, renderer, ledger
+        self.email, self.sms = email, sms
+        self.links = Links(secret=ctx.settings.secret, base_url=f"http://{ctx.settings.web_host}:{ctx.settings.web_port}")
+
+    async def handle(self, items: list[Accepted]) -> list[envelope.Out]:
+        rows = LedgerRows(self.ledger)
+        outs: list[envelope.Out] = []
+        sending: list[tuple[Accepted, str, EmailSend | SmsSend]] = []
+        in_batch: set[tuple[str, str]] = set()
+        correlated: list[tuple[str, dict[str, Any], str]] = []
+        now = envelope.utcnow()
+        for item in items:
+            data = item.data
+            key = envelope.contact_key(item.tenant, data["contact"])
+            if item.key != key:
+                outs.append(self.ctx.edge.reject(f"record key {item.key!r} is not {key!r}", item))
+                continue
+            if item.event["type"] == "delivery.status":  # a callback's status, for the contact's history
+                row = rows.of(item, key).get(data["request"])
+                folded = rules.fold_recipient(row, data)
+                if folded != row:
+                    rows.put(item, key, folded)
+                continue
+            if (key, data["request"]) in in_batch:
+                continue
+            in_batch.add((key, data["request"]))
+            row = rows.of(item, key).get(data["request"])
+            if row is not None:
+                outs.extend(self._again(item, key, row, rows, correlated, now))
+                continue
+            plan = self._plan(item, now)
+            if isinstance(plan, envelope.Out):
+                outs.append(plan)
+                rows.put(item, key, outcome_row(None, plan))
+                continue
+            provider = self.email if isinstance(plan, EmailSend) else self.sms
+            rows.put(item, key, queued_row(item.event, provider.name, envelope.isotime(now)))
+            sending.append((item, key, plan))
+        if sending:
+            # The queued rows must be in Kafka before a provider sees anything.
+            await self.ledger.flush()
+            for (item, key, plan), result in await self._deliver(sending):
+                status = rules.result_status(item.event, result, envelope.utcnow())
+                rows.put(item, key, outcome_row(rows.of(item, key)[plan.request], status))
+                outs.extend(self._sent_records(item, status, correlated, plan.to))
+        outs.extend(correlations(correlated))
+        # Recorded outcomes are durable before the batch's offsets are committed.
+        await self.ledger.flush()
+        return outs
+
+    def _plan(self, item: Accepted, now: Any) -> EmailSend | SmsSend | envelope.Out:
+        tenant = self.reference.tenant(item.tenant)
+        return rules.plan_send(
+            item.event, settings=tenant.settings, renderer=self.renderer, links=self.links, now=now,
+            layout=tenant.layouts.get(item.data["layout"]),
+        )
+
+    def _again(self, item: Accepted, key: str, row: dict[str, Any], rows: LedgerRows,
+               correlated: list[tuple[str, dict[str, Any], str]], now: Any) -> list[envelope.Out]:
+        """A request already in the ledger is never sent again; it gets its status again,
+        or `unknown` when its provider call was never answered."""
+        outcome = row.get("outcome")
+        if outcome is None:
+            status = rules.delivery_status(item.event, "unknown", at=envelope.isotime(now), provider=row.get("provider"),
+                                           error=unknown_reason(row.get("provider")))
+            rows.put(item, key, outcome_row(row, status))
+            return [status]
+        status = rules.delivery_status(item.event, outcome["status"], at=outcome["at"], provider=outcome["provider"],
+                                       provider_id=outcome["provider_id"], error=outcome["error"])
+        to = item.data.get("to") or {}
+        return self._sent_records(item, status, correlated, (to.get("email") or to.get("phone") or "").strip())
+
+    @staticmethod
+    def _sent_records(item: Accepted, status: envelope.Out, correlated: list[tuple[str, dict[str, Any], str]],
+                      address: str) -> list[envelope.Out]:
+        """The request's status; a send a provider will call back about also joins its
+        provider call's correlation record."""
+        data = status.event["data"]
+        if data["status"] == "sent" and data.get("provider") in CALLBACK_PROVIDERS and data.get("provider_id"):
+            correlated.append((item.tenant, data, address))
+        return [status]
+
+    async def _deliver(
+        self, sending: Sequence[tuple[Accepted, str, EmailSend | SmsSend]]
+    ) -> list[tuple[tuple[Accepted, str, EmailSend | SmsSend], ProviderResult]]:
+        """E-mails and SMS go to their providers at once, each provider getting its whole share."""
+
+        async def hand_over(share: list[tuple[Accepted, str, Any]], send: Callable[[list[Any]], Awaitable[list[ProviderResult]]]
+                            ) -> list[tuple[tuple[Accepted, str, Any], ProviderResult]]:
+            if not share:
+                return []
+            return list(zip(share, await send([plan for _, _, plan in share]), strict=True))
+
+        emails = [entry for entry in sending if isinstance(entry[2], EmailSend)]
+        texts = [entry for entry in sending if isinstance(entry[2], SmsSend)]
+        sent_emails, sent_texts = await asyncio.gather(hand_over(emails, self.email.send_email), hand_over(texts, self.sms.send_sms))
+        return sent_emails + sent_texts
+
+
+def copy(event: dict[str, Any], topic: str, key: str) -> envelope.Out:
+    """`event` again for another of this stage's agents. The copy has an id of its own: the
+    stage drops a record whose (tenant, source, id) it has handled, whichever topic it came on."""
+    return envelope.Out(topic, key, event | {"id": envelope.derived_id(event, topic)})
+
+
+def correlations(correlated: Sequence[tuple[str, dict[str, Any], str]]) -> list[envelope.Out]:
+    """One `usher.message-correlation` per provider call of a batch (correlation group):
+    each recipient's address and what a callback needs to know about its request."""
+    groups: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]]] = {}
+    for tenant, status, address in correlated:
+        group = rules.correlation_group(tenant, status["provider"], status["provider_id"])
+        entry = groups.setdefault(group, (tenant, {"provider": status["provider"], "provider_id": status["provider_id"]}, []))
+        entry[2].append({"address": address, **{name: status[name] for name in RECIPIENT_FIELDS}})
+    return [
+        envelope.Out(CORRELATED, group, envelope.make_event(CORRELATION, tenant, {**data, "recipients": recipients}, source=rules.SOURCE))
+        for group, (tenant, data, recipients) in groups.items()
+    ]
+
+
+class Callbacks:
+    """The agent on `provider.callbacks` and `usher.messages.correlated`: a provider's report
+    becomes its request's `delivery.status` (an unsubscribe also revokes the consent).
+
+    Everything about a callback is found under its correlation group. A callback that names
+    its request (keyed by it, as the contract has it) is first passed on there; one that
+    does not is already keyed by its group. `messages-sends` holds each recipient of a
+    provider call, `{correlation key: {request: subject}}` (two requests to one address in
+    one call stay apart); callbacks that come before their call's correlation record wait
+    in `messages-waiting`, under the group."""
+
+    def __init__(self, ctx: StageContext, reference: Reference, sends: BatchedTable, waiting: BatchedTable) -> None:
+        self.ctx, self.reference, self.sends, self.waiting = ctx, reference, sends, waiting
+
+    async def handle(self, items: list[Accepted]) -> list[envelope.Out]:
+        outs = []
+        for item in items:
+            with item.context():
+                outs.extend(self._one(item))
+        await asyncio.gather(self.sends.flush(), self.waiting.flush())
+        return outs
+
+    def _one(self, item: Accepted) -> list[envelope.Out]:
+        if item.event["type"] == CORRELATION:
+            return self._correlation(item)
+        reported = item.event
+        if item.record.message.topic == envelope.CALLBACKS:
+            expected = rules.callback_key(reported)
+            if item.key != expected:
+                return [self.ctx.edge.reject(f"record key {item.key!r} is not {expected!r}", item)]
+            if reported["data"]["request"] is not None:
+                group = rules.callback_correlation_group(reported)
+                if group is None:
+                    log.warning("messages: a %s callback names no message id: left out", reported["data"]["provider"])
+                    return []
+                return [copy(reported, CORRELATED, group)]
+        group = rules.callback_correlation_group(reported)
+        if item.key != group:
+            return [self.ctx.edge.reject(f"record key {item.key!r} is not {group!r}", item)]
+        subject = self._subject(reported)
+        if subject is None:
+            self.waiting[group] = [*(self.waiting.get(group) or ()), reported][-MAX_WAITING:]
+            return []
+        return self._statuses(reported, subject)
+
+    def _subject(self, reported: dict[str, Any]) -> dict[str, Any] | None:
+        """What was sent to the callback's recipient: the request it names, else the one request sent there."""
+        requests = self.sends.get(rules.callback_correlation_key(reported)) or {}
+        request = reported["data"]["request"]
+        if request is not None:
+            return requests.get(request)
+        return next(iter(requests.values())) if len(requests) == 1 else None
+
+    def _statuses(self, reported: dict[str, Any], subject: dict[str, Any]) -> list[envelope.Out]:
+        records = rules.callback_records(reported, subject, self.reference.tenant(reported["tenant"]).optins)
+        contact = envelope.contact_key(reported["tenant"], subject["contact"])
+        copies = [copy(record.event, BY_CONTACT, contact) for record in records if record.topic == envelope.DELIVERIES]
+        return records + copies
+
+    def _correlation(self, item: Accepted) -> list[envelope.Out]:
+        data = item.data
+        group = rules.correlation_group(item.tenant, data["provider"], data["provider_id"])
+        if item.key != group:
+            return [self.ctx.edge.reject(f"record key {item.key!r} is not {group!r}", item)]
+        for recipient in data["recipients"]:
+            key = rules.correlation_key(item.tenant, data["provider"], data["provider_id"], recipient["address"])
+            subject = {name: recipient[name] for name in RECIPIENT_FIELDS} | {"provider_id": data["provider_id"]}
+            self.sends[key] = {**(self.sends.get(key) or {}), recipient["request"]: subject}
+        waiting = self.waiting.get(group)
+        if not waiting:
+            return []
+        outs, still = [], []
+        for reported in waiting:
+            subject = self._subject(reported)
+            if subject is None:
+                still.append(reported)
+            else:
+                outs.extend(self._statuses(reported, subject))
+        self.waiting[group] = still
+        return outs
+
+
+class History:
+    """The agent on `messages.deliveries`: folds each message's statuses into its history."""
+
+    def __init__(self, ctx: StageContext, table: BatchedTable) -> None:
+        self.ctx, self.table = ctx, table
+
+    async def handle(self, items: list[Accepted]) -> list[envelope.Out]:
+        outs = []
+        # Each message's summary as folded so far, and the batch's last status of the message.
+        summaries: dict[str, tuple[dict[str, Any], Accepted]] = {}
+        for item in items:
+            expected = rules.status_key(item.tenant, item.data)
+            if item.key != expected:
+                outs.append(self.ctx.edge.reject(f"record key {item.key!r} is not {expected!r}", item))
+                continue
+            keys = rules.history_keys(item.event)
+            if keys is None:
+                continue
+            summary_key, pointer = keys
+            with item.context():
+                summary = summaries[summary_key][0] if summary_key in summaries else self.table.get(summary_key)
+                number = self.table.get(pointer)
+                row = None if number is None else self.table.get(row_key(summary_key, number))
+                summary, new_row = rules.fold_status(summary, row, item.data)
+                if number is None:
+                    number = summary["recipients"] - 1
+                    self.table[pointer] = number
+                if new_row != row:
+                    self.table[row_key(summary_key, number)] = new_row
+            summaries[summary_key] = (summary, item)
+        # A summary is written once per batch, however many of its message's statuses came.
+        for summary_key, (summary, item) in summaries.items():
+            with item.context():
+                self.table[summary_key] = summary
+        await self.table.flush()
+        return outs
+
+    def page(self, tenant: str, message: str, page: int, size: int) -> dict[str, Any]:
+        summary_key = envelope.key(tenant, message)
+        summary = self.table.get(summary_key)
+        count = summary["recipients"] if summary else 0
+        rows = [self.table.get(row_key(summary_key, n)) for n in range((page - 1) * size, min(page * size, count))]
+        # The rows are the page already: rows are numbered, so a page is read by number.
+        return rules.history_page(summary, [row for row in rows if row], page=1, size=size, message=message)
+
+
+def row_key(summary_key: str, number: int) -> str:
+    return f"{summary_key}{ROW_SEPARATOR}{number}"
+
+
+class Owners:
+    """Which worker answers for a key: the one active for its partition of `topic`."""
+
+    def __init__(self, app: faust.App, ready: list[asyncio.Event]) -> None:
+        self.app, self.ready = app, ready
+        self.here = str(app.conf.canonical_url)
+
+    def settled(self) -> bool:
+        recovery = self.app.tables.recovery
+        return all(event.is_set() for event in self.ready) and recovery.completed.is_set() and not recovery.in_recovery
+
+    def owner(self, topic: str, key: str) -> str | None:
+        # Not faust's router: it hashes table keys as JSON, not as the records' keys are partitioned.
+        partition = self.app.consumer.key_partition(topic, key.encode())
+        if partition is None:
+            return None
+        distribution = self.app.router.external_topics_metadata()
+        return next((url for url, topics in distribution.items() if partition in topics.get(topic, ())), None)
+
+    async def answer(self, view: View, request: Request, topic: str, key: str, answer: Callable[[], Response]) -> Response:
+        """`answer()` here when this worker owns the key, else the owner's answer."""
+        owner = self.owner(topic, key)
+        if owner == self.here and self.settled():
+            return answer()
+        if owner is None or owner == self.here:
+            return web.error(view, 503, "rebalancing", "The records are moving between workers; try again shortly.")
+        headers = {name: value for name, value in request.headers.items() if name.lower() != "host"}
+        async with self.app.http_client.get(URL(owner).join(request.rel_url), headers=headers, timeout=FORWARD_TIMEOUT) as response:
+            return view.bytes(await response.read(), content_type=response.content_type, status=response.status)
+
+
+def _csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _tenant_hint(request: Request) -> str | None:
+    """The `?tenant=` of a webhook URL set up for one tenant's provider account."""
+    tenant = request.query.get("tenant")
+    return tenant if tenant and envelope.ID_PATTERN.fullmatch(tenant) else None
+
+
+async def _json_object(view: View, request: Request) -> dict[str, Any] | Response:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return web.error(view, 400, "bad_request", "The body must be JSON.")
+    if not isinstance(body, dict):
+        return web.error(view, 400, "bad_request", "The body must be a JSON object.")
+    return body
+
+
+PREVIEW_FIELDS = {"layout": str, "language": str, "channel": str, "custom_text": str, "vars": dict, "contact": dict,
+                  "event": (str, dict)}
+
+
+def preview_problem(body: dict[str, Any]) -> str | None:
+    """Why a preview request cannot be answered, or None."""
+    if not isinstance(body.get("layout"), str):
+        return "Name the `layout`."
+    wrong = [name for name, kinds in PREVIEW_FIELDS.items() if body.get(name) is not None and not isinstance(body[name], kinds)]
+    if wrong:
+        return (f"Wrong type for {', '.join(wrong)}: `language`, `channel` and `custom_text` are text, `vars` and `contact` "
+                "objects, `event` an event id or an object like event.scheduled's data.")
+    return None
+
+
+def request_for_test_send(tenant: str, definition: dict[str, Any], tenant_config: Tenant, to: dict[str, Any],
+                 language: Any) -> dict[str, Any]:
+    """The `message.requested` of a test send of a message, filled like a preview."""
+    channel = definition["channel"]
+    field_name = "email" if channel == "email" else "phone"
+    send_in = (definition.get("language") or {}).get("send_in")
+    event = tenant_config.events.get(definition["event"]) or {}
+    request = uuid.uuid4().hex
+    data = {
+        "request": request,
+        "kind": rules.TEST_KIND,
+        "message": definition["message"],
+        "contact": TEST_CONTACT,
+        "channel": channel,
+        "to": {field_name: to.get(field_name)},
+        "layout": definition["layout"],
+        "language": language or (send_in if send_in != "customer" else None)
+        or tenant_config.settings.get("default_language") or "en",
+        "vars": {
+            "custom_text": definition.get("custom_text") or "",
+            "first_name": SAMPLE_CONTACT["first_name"],
+            "last_name": SAMPLE_CONTACT["last_name"],
+            "event": {name: event.get(name) for name in ("event", "name", "starts_at", "ends_at", "timezone")},
+        },
+    }
+    return envelope.make_event("message.requested", tenant, data, source=TEST_SOURCE, id_=request)
 
 
 def register(app: faust.App, ctx: StageContext) -> None:
-    def handle(record: Accepted) -> list[envelope.Out]:
-        return []
+    settings = ctx.settings
+    renderer = LayoutRenderer()
+    reference = Reference(renderer)
+    ctx.feed([envelope.CONFIG, envelope.EVENTS, envelope.MESSAGES], reference.apply)
 
-    ctx.edge.subscribe("inputs", [envelope.CONFIG, envelope.OUTBOX, envelope.CALLBACKS], on_record=handle)
+    email = make_email_provider(settings.email_provider, outbox_dir=settings.outbox_dir, sendgrid_api_key=settings.sendgrid_api_key,
+                                sendgrid_host=settings.sendgrid_host, rate_per_s=settings.email_rate_per_s)
+    sms = make_sms_provider(settings.sms_provider, outbox_dir=settings.outbox_dir, aws_region=settings.aws_region,
+                            rate_per_s=settings.sms_rate_per_s)
+    ledger = batched_table(app, f"{ctx.name}-ledger")
+    sender = Sender(ctx, reference, renderer, ledger, email, sms)
+    ctx.edge.subscribe("outbox", [envelope.OUTBOX, BY_CONTACT], on_batch=sender.handle)
+
+    callbacks = Callbacks(ctx, reference, batched_table(app, f"{ctx.name}-sends"), batched_table(app, f"{ctx.name}-waiting"))
+    ctx.edge.subscribe("callbacks", [envelope.CALLBACKS, CORRELATED], on_batch=callbacks.handle)
+
+    history = History(ctx, batched_table(app, f"{ctx.name}-history"))
+    ctx.edge.subscribe("history", [envelope.DELIVERIES], on_batch=history.handle)
+
+    owners = Owners(app, ctx.edge.waits)
+    register_views(app, ctx, reference, renderer, ledger, history, owners)
+    register_webhooks(app, ctx)
+
+
+def register_views(app: faust.App, ctx: StageContext, reference: Reference, renderer: LayoutRenderer,
+                   ledger: faust.Table, history: History, owners: Owners) -> None:
+    settings = ctx.settings
+
+    @app.page("/v1/messages/{tenant}/{message}/history")
+    class MessageHistory(View):
+        async def get(self, request: Request, tenant: str, message: str) -> Response:
+            refused = web.authorize(self, request, settings, tenant)
+            if refused is not None:
+                return refused
+            page, size = web.paging(request)
+            return await owners.answer(self, request, envelope.DELIVERIES, envelope.key(tenant, message),
+                                       lambda: self.json(history.page(tenant, message, page, size)))
+
+    @app.page("/v1/contacts/{tenant}/{contact}/messages")
+    class ContactMessages(View):
+        async def get(self, request: Request, tenant: str, contact: str) -> Response:
+            refused = web.authorize(self, request, settings, tenant)
+            if refused is not None:
+                return refused
+            page, size = web.paging(request)
+            key = envelope.contact_key(tenant, contact)
+
+            def answer() -> Response:
+                rows = list((ledger.get(key) or {}).values())
+                return self.json(rules.contact_history_page(contact, rows, page=page, size=size))
+
+            return await owners.answer(self, request, envelope.OUTBOX, key, answer)
+
+    @app.page("/v1/layouts/preview")
+    class LayoutPreview(View):
+        async def post(self, request: Request) -> Response:
+            body = await _json_object(self, request)
+            if isinstance(body, Response):
+                return body
+            tenant = body.get("tenant")
+            refused = web.authorize(self, request, settings, tenant if isinstance(tenant, str) else None)
+            if refused is not None:
+                return refused
+            problem = preview_problem(body)
+            if problem is not None:
+                return web.error(self, 400, "bad_request", problem)
+            config = reference.tenant(tenant)
+            layout_id, event = body["layout"], body.get("event")
+            if isinstance(event, str):
+                if event not in config.events:
+                    return web.error(self, 404, "unknown_event", f"Tenant {tenant!r} has no event {event!r}.")
+                event = config.events[event]
+            try:
+                return self.json(rules.preview(
+                    renderer, tenant=tenant, layout_id=layout_id, settings=config.settings, language=body.get("language"),
+                    channel=body.get("channel"), layout=config.layouts.get(layout_id), custom_text=body.get("custom_text") or "",
+                    contact=body.get("contact"), event=event, request_vars=body.get("vars"),
+                ))
+            except RenderError as error:
+                return web.error(self, 422, "layout_error", str(error))
+
+    @app.page("/v1/messages/{tenant}/{message}/test")
+    class TestSend(View):
+        async def post(self, request: Request, tenant: str, message: str) -> Response:
+            refused = web.authorize(self, request, settings, tenant)
+            if refused is not None:
+                return refused
+            body = await _json_object(self, request)
+            if isinstance(body, Response):
+                return body
+            config = reference.tenant(tenant)
+            definition = config.messages.get(message)
+            if definition is None:
+                return web.error(self, 404, "unknown_message", f"Tenant {tenant!r} has no message {message!r}.")
+            to = body.get("to")
+            field_name = "email" if definition["channel"] == "email" else "phone"
+            if not isinstance(to, dict) or not to.get(field_name):
+                return web.error(self, 400, "bad_request", f"The message goes by {definition['channel']}: give `to.{field_name}`.")
+            event = request_for_test_send(tenant, definition, config, to, body.get("language"))
+            problem = schemas.problem(event)
+            if problem is not None:
+                return web.error(self, 400, "bad_request", problem)
+            await produce(app, [envelope.Out(envelope.OUTBOX, envelope.contact_key(tenant, TEST_CONTACT), event)], ctx.name)
+            return self.json({"request": event["data"]["request"]}, status=202)
+
+
+def register_webhooks(app: faust.App, ctx: StageContext) -> None:
+    """`POST /v1/webhooks/sendgrid` and `POST /v1/webhooks/sms`: they only check the call and
+    write `provider.callbacks`, so a slow stage never loses a callback."""
+    settings = ctx.settings
+    try:
+        verifier = webhooks.SendGridVerifier(settings.sendgrid_webhook_public_key) if settings.sendgrid_webhook_public_key else None
+    except ValueError as error:
+        raise ValueError(f"USHER_SENDGRID_WEBHOOK_PUBLIC_KEY is not a public key: {error}") from None
+    trusted = _csv(settings.sns_trusted_urls)
+    topic_arns = _csv(settings.sns_topic_arns)
+    certificates: dict[str, bytes] = {}
+
+    async def fetch(url: str) -> bytes:
+        async with app.http_client.get(url, timeout=FETCH_TIMEOUT) as response:
+            response.raise_for_status()
+            return await response.read()
+
+    @app.page("/v1/webhooks/sendgrid")
+    class SendGridWebhook(View):
+        async def post(self, request: Request) -> Response:
+            body = await request.read()
+            try:
+                if verifier is None:
+                    raise webhooks.WebhookRefused("no SendGrid webhook public key is set up (USHER_SENDGRID_WEBHOOK_PUBLIC_KEY)")
+                verifier.verify(body, request.headers.get(webhooks.SENDGRID_SIGNATURE), request.headers.get(webhooks.SENDGRID_TIMESTAMP))
+            except webhooks.WebhookRefused as refused:
+                return web.error(self, 403, "forbidden", str(refused))
+            try:
+                outs = webhooks.sendgrid_reports(orjson.loads(body), _tenant_hint(request), envelope.utcnow())
+            except (orjson.JSONDecodeError, webhooks.WebhookRefused):
+                return web.error(self, 400, "bad_request", "SendGrid posts a JSON array of events.")
+            await produce(app, outs, ctx.name)
+            return self.json({"accepted": len(outs)})
+
+    @app.page("/v1/webhooks/sms")
+    class SmsWebhook(View):
+        async def post(self, request: Request) -> Response:
+            body = await request.read()
+            try:
+                message = webhooks.sns_message(body, topic_arns)
+                certificate_url = message.get("SigningCertURL")
+                if not webhooks.trusted_url(certificate_url, trusted):
+                    raise webhooks.WebhookRefused("the signing certificate is not on a trusted host")
+                if certificate_url not in certificates:
+                    certificates[certificate_url] = await fetch(certificate_url)
+                webhooks.verify_sns(message, certificates[certificate_url])
+            except webhooks.WebhookRefused as refused:
+                return web.error(self, 403, "forbidden", str(refused))
+            except aiohttp.ClientError as error:
+                return web.error(self, 503, "unavailable", f"The signing certificate could not be fetched: {error}")
+            if message["Type"] == "SubscriptionConfirmation":
+                if not webhooks.trusted_url(message["SubscribeURL"], trusted):
+                    return web.error(self, 403, "forbidden", "the subscription URL is not on a trusted host")
+                try:
+                    await fetch(message["SubscribeURL"])
+                except aiohttp.ClientError as error:
+                    return web.error(self, 503, "unavailable", f"The subscription could not be confirmed: {error}")
+                log.info("messages: confirmed the SNS subscription to %s", message["TopicArn"])
+                return self.json({"confirmed": message["TopicArn"]})
+            if message["Type"] == "Notification":
+                outs = webhooks.sms_reports(message, _tenant_hint(request), envelope.utcnow())
+                await produce(app, outs, ctx.name)
+                return self.json({"accepted": len(outs)})
+            return self.json({"accepted": 0})

@@ -18,6 +18,7 @@ can tell a message's own mails from tests and count the orders mailed.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from itertools import islice
@@ -261,8 +262,15 @@ def delivery_status(
         provider=provider,
         provider_id=provider_id,
         error=error,
-        id_=derived_id(request, f"delivery.status:{status}"),
+        id_=request_status_id(request["tenant"], data["request"], status),
     )
+
+
+def request_status_id(tenant: str, request: str, status: str) -> str:
+    """The CloudEvent id of a request's own status: the same for every copy of the
+    request, so a status given again (a request published twice, a batch
+    redelivered after a crash) is the same record, which readers drop as a repeat."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"usher:delivery.status:{tenant}/{request}/{status}"))
 
 
 def failed_status(request: Mapping[str, Any], error: str, now: datetime) -> Out:
@@ -385,22 +393,48 @@ def _instant(value: Any) -> str | None:
         return None
 
 
+def correlation_group(tenant: str, provider: str, provider_id: str) -> str:
+    """What the recipients of one provider call share: SendGrid gives every recipient
+    of one request the same X-Message-Id (its events carry it as the start of
+    `sg_message_id`); an SMS is one message."""
+    if provider == "sendgrid":
+        return key(tenant, provider, provider_id.partition(".")[0])
+    return key(tenant, provider, provider_id)
+
+
 def correlation_key(tenant: str, provider: str, provider_id: str, address: str | None = None) -> str:
     """Where a sent message is found again from a callback that carries no request
-    id. SendGrid gives every recipient of one request the same X-Message-Id (its
-    events carry it as the start of `sg_message_id`), so the address tells them apart."""
-    if provider == "sendgrid":
-        return key(tenant, provider, provider_id.partition(".")[0], (address or "").lower())
-    return key(tenant, provider, provider_id)
+    id: its `correlation_group`, and for SendGrid the address telling its recipients apart."""
+    group = correlation_group(tenant, provider, provider_id)
+    return key(group, (address or "").lower()) if provider == "sendgrid" else group
+
+
+def _callback_provider_id(data: Mapping[str, Any]) -> str | None:
+    raw = data.get("raw") or {}
+    return data.get("provider_id") or raw.get("sg_message_id") or raw.get("messageId")
+
+
+def callback_correlation_group(reported: Mapping[str, Any]) -> str | None:
+    data = reported["data"]
+    provider_id = _callback_provider_id(data)
+    return correlation_group(reported["tenant"], data.get("provider") or "", provider_id) if provider_id else None
 
 
 def callback_correlation_key(reported: Mapping[str, Any]) -> str | None:
     data = reported["data"]
-    raw = data.get("raw") or {}
-    provider_id = data.get("provider_id") or raw.get("sg_message_id") or raw.get("messageId")
+    provider_id = _callback_provider_id(data)
     if not provider_id:
         return None
-    return correlation_key(reported["tenant"], data.get("provider") or "", provider_id, raw.get("email"))
+    address = (data.get("raw") or {}).get("email")
+    return correlation_key(reported["tenant"], data.get("provider") or "", provider_id, address)
+
+
+def callback_key(reported: Mapping[str, Any]) -> str | None:
+    """The `provider.callbacks` key of a callback: `{tenant}/{request}`. One without a
+    request id goes under its correlation group, where the stage finds its request;
+    None when it has neither (nothing could ever match it)."""
+    request = reported["data"].get("request")
+    return key(reported["tenant"], request) if request else callback_correlation_group(reported)
 
 
 def history_keys(status_event: Mapping[str, Any]) -> tuple[str, str] | None:

@@ -1,0 +1,159 @@
+"""The messages stage sending one message to many recipients through SendGrid (a local stand-in).
+
+One worker (`usher worker messages`, the production RocksDB store) is started on pre-loaded
+`message.requested` records of one e-mail message. `send_per_s` counts the e-mails the
+stand-in received per second, from its first request to its last; `send_peak_rss_mb` is the
+worker's peak resident memory (VmHWM) over the whole run, startup included.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from tests.messages.sendgrid_standin import API_KEY, SendGridStandIn
+from workers import envelope
+from workers.broker import free_port
+
+TENANT = "bench-send"
+MESSAGE = "msg-bench-send"
+# A million recipients take longer than the few minutes a bench may run on a small machine.
+RECIPIENTS = int(os.environ.get("USHER_BENCH_SEND_RECIPIENTS", "200000"))
+SETTINGS = {"default_language": "en", "sender": {"email": "tickets@venue.example", "name": "Venue"},
+            "public_url": "https://usher.venue.example"}
+EVENT = {"event": "ev-bench", "name": "Hamlet", "starts_at": "2026-12-01T19:30:00+01:00", "ends_at": "2026-12-01T22:00:00+01:00",
+         "timezone": "Europe/Brussels"}
+FIRST_NAMES = ("Ann", "Bob", "Chloé", "Dirk", "Eva", "Femke")
+LAST_NAMES = ("Peeters", "Janssens", "Maes", "Jacobs", "Mertens", "Willems")
+IDLE_S = 20.0
+DEADLINE_S = 900.0
+
+
+class CountingStandIn(SendGridStandIn):
+    """The stand-in, also noting when each accepted request came and how many mails it carried."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrivals: list[tuple[float, int]] = []
+
+    def _answer(self, authorization: str | None, raw: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
+        answer = super()._answer(authorization, raw)
+        if answer[0] == 202:
+            # Each acceptance keeps one body; counted and dropped, so a million mails fit in memory.
+            with self._lock:
+                self.arrivals.append((time.perf_counter(), len(self.accepted.pop()["personalizations"])))
+        return answer
+
+    @property
+    def received(self) -> int:
+        return sum(count for _, count in self.arrivals)
+
+
+def request(number: int) -> envelope.Out:
+    contact = f"c-{number}"
+    data = {
+        "request": f"{MESSAGE}-{number}", "kind": "event-message", "message": MESSAGE, "contact": contact, "channel": "email",
+        "to": {"email": f"{contact}@example.com"}, "layout": "event-message", "language": "en",
+        "vars": {"custom_text": "Doors open at 19:00. Bring your ticket.", "first_name": FIRST_NAMES[number % 6],
+                 "last_name": LAST_NAMES[number // 6 % 6], "event": EVENT, "orders": [f"o-{number}"], "marketing": True},
+    }
+    event = envelope.make_event("message.requested", TENANT, data, source="/bench", id_=data["request"])
+    return envelope.Out(envelope.OUTBOX, envelope.key(TENANT, contact), event)
+
+
+async def load(bootstrap: str, count: int) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024)
+    await producer.start()
+    try:
+        settings = envelope.make_event("config.settings", TENANT, SETTINGS, source="/bench")
+        await producer.send_and_wait(envelope.CONFIG, key=f"{TENANT}/settings/default".encode(), value=envelope.dumps(settings))
+        for start in range(0, count, 10_000):
+            sends = [await producer.send(out.topic, key=out.key.encode(), value=out.value_bytes())
+                     for out in map(request, range(start, min(start + 10_000, count)))]
+            await asyncio.gather(*sends)
+    finally:
+        await producer.stop()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wait_ready(port: int, worker: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and worker.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("messages worker not ready")
+
+
+async def measure(bootstrap: str, workdir: Path) -> dict[str, Any]:
+    await load(bootstrap, RECIPIENTS)
+    with CountingStandIn() as standin:
+        port = free_port()
+        env = {**os.environ, "USHER_BROKER": f"kafka://{bootstrap}", "USHER_STORE": "rocksdb://",
+               "USHER_DATA_DIR": str(workdir / "data-send"), "USHER_EMAIL_PROVIDER": "sendgrid",
+               "USHER_SENDGRID_API_KEY": API_KEY, "USHER_SENDGRID_HOST": standin.host, "USHER_EMAIL_RATE_PER_S": "0",
+               "USHER_SESSION_TIMEOUT_S": "6", "USHER_REBALANCE_TIMEOUT_S": "6",
+               "USHER_PARTITIONS": os.environ.get("USHER_PARTITIONS", "6")}
+        log = (workdir / "messages-send.log").open("wb")
+        worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "messages", "--web-port", str(port)],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            await asyncio.to_thread(wait_ready, port, worker)
+            deadline, last_count, last_change = time.monotonic() + DEADLINE_S, 0, time.monotonic()
+            while standin.received < RECIPIENTS and time.monotonic() < deadline and worker.poll() is None:
+                await asyncio.sleep(0.5)
+                if standin.received != last_count:
+                    last_count, last_change = standin.received, time.monotonic()
+                elif time.monotonic() - last_change > IDLE_S:
+                    break
+            peak = peak_rss_mb(worker.pid)
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    arrivals = standin.arrivals
+    if len(arrivals) < 2:
+        return {"send_per_s": 0.0, "send_peak_rss_mb": round(peak, 1), "note": f"SendGrid received {standin.received}; see {log.name}"}
+    # The first request's mails were rendered before the clock starts: count the ones after it.
+    elapsed = arrivals[-1][0] - arrivals[0][0]
+    return {
+        "send_per_s": round((standin.received - arrivals[0][1]) / elapsed, 1),
+        "send_peak_rss_mb": round(peak, 1),
+        "send_peak_rss_recipients": standin.received,
+        "send_requests": len(arrivals),
+    }
+
+
+if __name__ == "__main__":
+    import json
+    import tempfile
+
+    from workers.broker import start_broker, stop_broker
+    from workers.topics import create_topics_sync
+
+    broker_port = free_port()
+    broker = start_broker(broker_port)
+    try:
+        create_topics_sync(f"127.0.0.1:{broker_port}", int(os.environ.get("USHER_PARTITIONS", "6")))
+        print(json.dumps(asyncio.run(measure(f"127.0.0.1:{broker_port}", Path(tempfile.mkdtemp(prefix="usher-send-")))), indent=2))
+    finally:
+        stop_broker(broker)
