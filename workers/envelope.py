@@ -6,8 +6,11 @@ contract's spelling in one place too.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -64,7 +67,7 @@ def make_event(
     stage's dedupe drops the repeat)."""
     return {
         "specversion": SPECVERSION,
-        "id": id_ or uuid.uuid4().hex,
+        "id": id_ or os.urandom(16).hex(),  # as unique as uuid4, at a fifth of the cost
         "source": source,
         "type": type_,
         "time": time or isotime(),
@@ -74,9 +77,22 @@ def make_event(
     }
 
 
-def derived_id(event: dict[str, Any], suffix: str) -> str:
+_URL_NAMESPACE = uuid.NAMESPACE_URL.bytes
+
+
+def stable_id(name: str) -> str:
+    """`str(uuid.uuid5(uuid.NAMESPACE_URL, name))`, without building UUID objects (a third of
+    the cost; stages make several ids a record). The same name always gives the same id."""
+    digest = bytearray(hashlib.sha1(_URL_NAMESPACE + name.encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def derived_id(event: Mapping[str, Any], suffix: str) -> str:
     """A deterministic id for something caused by `event` (same input, same id)."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{event['tenant']}|{event['source']}|{event['id']}|{suffix}"))
+    return stable_id(f"{event['tenant']}|{event['source']}|{event['id']}|{suffix}")
 
 
 def key(*parts: str) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import faust
 
 from workers.edge import Edge
+from workers.transport import App
 from workers.feed import Feed, FeedHandler
 from workers.settings import Settings
 from workers.web import register_health
@@ -53,7 +54,7 @@ def build_app(stages: tuple[str, ...], settings: Settings) -> faust.App:
         raise ValueError(f"unknown stage {sorted(unknown)}; choose from {', '.join(STAGES)} or all")
     name = app_id(stages)
     (settings.data_dir / name).mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = App(
         name,
         broker=settings.broker,
         store=settings.store,

@@ -163,6 +163,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
     settings = ctx.settings
     reference = Reference(caught_up=lambda: feed.ready.is_set())
     feed = ctx.feed([envelope.CONFIG, envelope.EVENTS], reference.apply)
+    # Read through `.data`, the store itself: faust's `Table.get` costs more than the prompt.
     consents = app.Table(f"{ctx.name}-consents", default=None)
     answers = app.Table(f"{ctx.name}-fields", default=None)
     # Each contact-state topic: the type it carries, the table keeping its part for the prompts, and that part.
@@ -188,7 +189,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
                 continue
             config = reference.config(item.tenant)
             optin_set = reference.optin_set(item.tenant, data["event"])
-            outs.append(rules.on_checkout_started(config, item.event, optin_set, consents.get(key), answers.get(key), now))
+            outs.append(rules.on_checkout_started(config, item.event, optin_set, consents.data.get(key), answers.data.get(key), now))
         return outs
 
     async def keep_contact_state(items: list[Accepted]) -> list[envelope.Out]:
@@ -204,7 +205,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
                 outs.append(ctx.edge.reject(f"record key {item.key!r} is not {key!r}", item))
                 continue
             value = part_of(data)
-            if table.get(key) != value:
+            if table.data.get(key) != value:
                 with item.context():
                     table[key] = value
         return outs
@@ -279,8 +280,8 @@ def register(app: faust.App, ctx: StageContext) -> None:
                     channel=query["channel"],
                     language=query.get("language"),
                     contact=contact,
-                    contact_statuses=consents.get(key) if key else None,
-                    contact_fields=answers.get(key) if key else None,
+                    contact_statuses=consents.data.get(key) if key else None,
+                    contact_fields=answers.data.get(key) if key else None,
                     form=query.get("form", "checkout"),
                 ))
 

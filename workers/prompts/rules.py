@@ -212,7 +212,7 @@ def prompt_for(
     checkout: then every opt-in is asked). `contact_fields` is the contact's `fields` answers, used
     to prefill. `form` is one of `workers.fields.FORMS`.
     """
-    state = config_state or empty_config()
+    state = config_state or _UNCONFIGURED
     settings = state["settings"]
     languages = (language, settings.get("default_language"))
     set_id = event_optin_set if event_optin_set in state["sets"] else state["default_set"]
@@ -236,6 +236,9 @@ def prompt_for(
             for field_id in state["form_fields"].get(form, ())
         ],
     }
+
+
+_UNCONFIGURED = empty_config()  # only read
 
 
 def _prompted_optin(optin: Mapping[str, Any], languages: tuple[str | None, ...]) -> dict[str, Any]:

@@ -35,7 +35,6 @@ Choices where the contract is silent:
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -49,6 +48,7 @@ from workers.envelope import (
     key,
     make_event,
     parse_time,
+    stable_id,
 )
 from workers.segments.profiles import SOURCE, Outcome, caused, fold
 
@@ -223,7 +223,7 @@ def send_window(
 
 def event_message_request_id(tenant: str, message: str, contact: str) -> str:
     """The one request id a contact's copy of a message ever has."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"usher:event-message:{tenant}/{message}/{contact}"))
+    return stable_id(f"usher:event-message:{tenant}/{message}/{contact}")
 
 
 def due_request(
