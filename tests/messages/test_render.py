@@ -306,3 +306,35 @@ def test_rendering_a_compiled_email_is_cheap(renderer: LayoutRenderer) -> None:
         renderer.render("t1", "event-message", "email", ["nl"], lambda _: variables)
     # Well over the thousands per second the sender needs, with room for a slow CI machine.
     assert time.perf_counter() - started < 2.5
+
+
+@pytest.mark.parametrize("expression", [
+    "contact.first_name", "contact.items() | list | length", "vars.items", "vars.keys | string | length > 0",
+    "vars.get('a')", "contact.missing", "vars['items']", "event.name ~ '!'", "contact.__class__", "vars.copy",
+])
+def test_attributes_of_dicts_resolve_as_in_jinjas_own_sandbox(expression: str) -> None:
+    # The renderer looks a dict's keys up directly; the outcome must be the sandbox's own.
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    variables = {"contact": {"first_name": "Ann"}, "event": {"name": "Hamlet"}, "vars": {"items": "mine", "a": 1}}
+    source = "{{ " + expression + " }}"
+
+    def outcome(run: Any) -> tuple[str, str]:
+        try:
+            return "ok", str(run())
+        except Exception as error:  # the kind of failure must match, whatever its wording
+            return "error", type(error).__name__
+
+    stock = ImmutableSandboxedEnvironment(undefined=StrictUndefined)
+    ours = render._LayoutEnvironment(autoescape=False, shared={})
+    expected = outcome(lambda: stock.from_string(source).render(variables))
+
+    def rendered() -> str:
+        token = render._budget.set(render._Budget())
+        try:
+            return render._Compiled.of(source, ours.from_string(source)).render(variables)
+        finally:
+            render._budget.reset(token)
+
+    assert outcome(rendered) == expected

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import pytest
 
-from workers.consent.tokens import read_unsubscribe_token
+from datetime import timedelta
+
+from workers.consent.tokens import UnsubscribeClaims, make_unsubscribe_token, read_unsubscribe_token
 from workers.envelope import COMMANDS, DELIVERIES, Out, make_event
 from workers.schemas import SchemaBook, schemas_dir
 from workers.messages.providers import EmailSend, ProviderResult, SmsSend
@@ -72,6 +74,18 @@ def test_a_marketing_message_gets_a_signed_one_click_unsubscribe_link(renderer: 
     assert url in send.text
     assert "Hello Ann," in send.text and "Doors open at 19:00" in send.html
     assert "Hamlet" in send.subject and "December 1, 2026 7:30 PM" in send.text
+
+
+def test_unsubscribe_links_are_the_consent_stages_own_tokens_whatever_the_moment(renderer: LayoutRenderer) -> None:
+    # The sender signs with a serializer kept per moment: every token must be make_unsubscribe_token's.
+    for minutes, request_id, secret in ((0, "req-1", LINKS.secret), (0, "req-2", LINKS.secret), (5, "req-1", LINKS.secret),
+                                         (5, "req-1", "other-secret"), (0, "req-1", LINKS.secret)):
+        now = NOW + timedelta(minutes=minutes)
+        links = LINKS.__class__(secret=secret, base_url=LINKS.base_url)
+        send = plan(renderer, message_requested(request=request_id), now=now, links=links)
+        assert isinstance(send, EmailSend)
+        expected = make_unsubscribe_token(UnsubscribeClaims("t1", "c-42", "email", request_id), secret, now)
+        assert send.unsubscribe_url == f"{LINKS.base_url}/unsubscribe?token={quote(expected, safe='')}"
 
 
 def test_a_service_message_has_no_unsubscribe_link(renderer: LayoutRenderer) -> None:

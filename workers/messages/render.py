@@ -393,6 +393,7 @@ class _LayoutEnvironment(ImmutableSandboxedEnvironment):
         # lipsum makes text from nothing; a namespace hides values from the size accounting.
         for name in ("lipsum", "namespace"):
             self.globals.pop(name, None)
+        self._shared: dict[str, Template] = {}
 
     def compile(self, source: Any, name: str | None = None, filename: str | None = None, raw: bool = False,
                 defer_init: bool = False) -> Any:
@@ -402,6 +403,27 @@ class _LayoutEnvironment(ImmutableSandboxedEnvironment):
             source = _BudgetGuards().visit(self.parse(source, name, filename))
             source.set_environment(self)
         return super().compile(source, name, filename, raw, defer_init)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        # `contact.first_name` on a plain dict: the sandbox tries the attribute first and takes the
+        # key only after an AttributeError. A name that is no dict attribute goes to the key at once,
+        # with the same outcome and no exception raised and caught for every variable shown.
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except (TypeError, LookupError):
+                return self.undefined(obj=obj, name=attribute)
+        return super().getattr(obj, attribute)
+
+    def get_template(self, name: Any, parent: str | None = None, globals: Any = None) -> Template:
+        # The shared pieces (base.html, macros.html) never change: found once, not looked up in
+        # jinja's locked LRU cache on every render of a layout that extends them.
+        if parent is None and globals is None and type(name) is str:
+            template = self._shared.get(name)
+            if template is None:
+                template = self._shared[name] = super().get_template(name)
+            return template
+        return super().get_template(name, parent, globals)
 
     def is_safe_callable(self, obj: Any) -> bool:
         target = getattr(obj, "__wrapped__", obj)  # the sandbox hands out str.format wrapped
@@ -428,6 +450,32 @@ class _LayoutEnvironment(ImmutableSandboxedEnvironment):
         result = self.binop_table[operator](left, right)
         budget.check(result)
         return result
+
+
+# What `getattr(a_dict, name)` finds: a dict has no attributes of its own beyond its type's.
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """A compiled part, with what every render of it needs made once: its globals, as
+    `Template.render` copies them into each new context (from a ChainMap, every time)."""
+
+    source: str
+    template: Template
+    globals: dict[str, Any]
+    globals_keys: frozenset[str]
+
+    @classmethod
+    def of(cls, source: str, template: Template) -> _Compiled:
+        return cls(source, template, dict(template.globals), frozenset(template.globals))
+
+    def render(self, variables: Mapping[str, Any]) -> str:
+        """`template.render(variables)`, less the copies: the same context, the same output."""
+        template = self.template
+        context = Context(template.environment, {**self.globals, **variables}, template.name, template.blocks)
+        context.globals_keys = self.globals_keys  # type: ignore[assignment]  (only ever read)
+        return template.environment.concat(template.root_render_func(context))  # type: ignore[attr-defined]
 
 
 def _check_product(left: Any, right: Any, budget: _Budget) -> None:
@@ -471,7 +519,7 @@ class LayoutRenderer:
         self.defaults = load_default_layouts(directory)
         self._text_env = _LayoutEnvironment(autoescape=False, shared={})
         self._html_env = _LayoutEnvironment(autoescape=True, shared=_shared_templates(directory))
-        self._compiled: dict[tuple[str, str, str, str, str], tuple[str, Template]] = {}
+        self._compiled: dict[tuple[str, str, str, str, str], _Compiled] = {}
 
     def layout_for(self, layout_id: str, channel: str, override: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
         """The tenant's own layout when it has one for this channel, else the default."""
@@ -535,7 +583,7 @@ class LayoutRenderer:
             variables = sample_variables(language)
             for part in PARTS[channel]:
                 try:
-                    self._run(self._compile(part, sources[part]), variables)
+                    self._run(_Compiled.of(sources[part], self._compile(part, sources[part])), variables)
                 except RenderError as error:
                     return f"language {language!r}, {part}: {error}"
         return None
@@ -547,10 +595,9 @@ class LayoutRenderer:
             raise RenderError(f"{where} is missing")
         cached = self._compiled.get(cache_key)
         try:
-            if cached is None or cached[0] != source:
-                cached = (source, self._compile(part, source))
-                self._compiled[cache_key] = cached
-            return self._run(cached[1], variables)
+            if cached is None or cached.source != source:
+                cached = self._compiled[cache_key] = _Compiled.of(source, self._compile(part, source))
+            return self._run(cached, variables)
         except RenderError as error:
             raise RenderError(f"{where}: {error}") from None
 
@@ -567,10 +614,10 @@ class LayoutRenderer:
             raise RenderError(_describe(error)) from None
 
     @staticmethod
-    def _run(template: Template, variables: Mapping[str, Any]) -> str:
+    def _run(compiled: _Compiled, variables: Mapping[str, Any]) -> str:
         token = _budget.set(_Budget())
         try:
-            return template.render(variables)
+            return compiled.render(variables)
         except RenderError:
             raise
         except RecursionError:
