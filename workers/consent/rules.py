@@ -26,10 +26,14 @@ Rules that are decisions rather than facts of the contract:
 """
 from __future__ import annotations
 
+import copy
+import hashlib
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 from workers.consent.tokens import (
     CONFIRM_PATH,
@@ -45,13 +49,10 @@ from workers.envelope import (
     OUTBOX,
     Out,
     contact_key,
-    derived_id,
-    dumps,
-    isotime,
-    loads,
     make_event,
-    parse_time,
 )
+from workers.envelope import isotime as _isotime
+from workers.envelope import parse_time as _parse_time
 
 SOURCE = "/usher/consent"
 # Commands written by the consent stage's customer pages.
@@ -88,6 +89,22 @@ class DoiPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings | None) -> DoiPolicy:
+        """The policy of `settings`; worked out once per settings mapping, which the agent asks
+        for with every record (a changed mapping is worked out again)."""
+        if not settings:
+            return _DEFAULT_POLICY
+        cached = _POLICIES.get(id(settings))
+        # The mapping itself is kept, so its id is not reused; the snapshot catches a change in place.
+        if cached is not None and cached[0] is settings and cached[1] == settings:
+            return cached[2]
+        policy = cls._work_out(settings)
+        if len(_POLICIES) >= _POLICIES_KEPT:
+            _POLICIES.clear()
+        _POLICIES[id(settings)] = (settings, copy.deepcopy(settings), policy)
+        return policy
+
+    @classmethod
+    def _work_out(cls, settings: Settings | None) -> DoiPolicy:
         settings = settings or {}
 
         def value(name: str, default: Any) -> Any:
@@ -113,6 +130,12 @@ class DoiPolicy:
         return self.expire_after.total_seconds()
 
 
+_DEFAULT_POLICY = DoiPolicy._work_out(None)
+_POLICIES: dict[int, tuple[Settings, Settings, DoiPolicy]] = {}
+# Tenants' settings mappings whose policy is kept (one per tenant in use).
+_POLICIES_KEPT = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Links:
     """What confirmation links are made of: the signing secret (`USHER_SECRET`) and the consent
@@ -122,9 +145,9 @@ class Links:
     base_url: str
 
 
-@dataclass(frozen=True, slots=True)
-class _How:
-    """The details of one change, as the log and the status record them."""
+class _How(NamedTuple):
+    """The details of one change, as the log and the status record them (a tuple: one is made
+    for most inputs, and a tuple is the cheapest object to make)."""
 
     method: str
     evidence: dict[str, Any]
@@ -142,6 +165,33 @@ def _evidence(**extra: Any) -> dict[str, Any]:
 def _present(**fields: Any) -> dict[str, Any]:
     """The fields that have a value: the contract's schemas take an absent field, not a null one."""
     return {name: value for name, value in fields.items() if value is not None}
+
+
+# The same as `envelope.derived_id` (a uuid5 in the URL namespace), without building UUID objects.
+_UUID5_NAMESPACE = uuid.NAMESPACE_URL.bytes
+_sha1 = hashlib.sha1
+
+
+def derived_id(event: Mapping[str, Any], suffix: str) -> str:
+    """A deterministic id for something caused by `event` (same input, same id)."""
+    name = f"{event['tenant']}|{event['source']}|{event['id']}|{suffix}".encode()
+    digest = bytearray(_sha1(_UUID5_NAMESPACE + name).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+@lru_cache(maxsize=4096)
+def parse_time(text: str) -> datetime:
+    """`envelope.parse_time`, remembered: a contact's marks and an input's time are read repeatedly."""
+    return _parse_time(text)
+
+
+@lru_cache(maxsize=4096)
+def isotime(moment: datetime) -> str:
+    """`envelope.isotime` of a given moment, remembered (`now` and `at` are written several times)."""
+    return _isotime(moment)
 
 
 def _event_key(event: Event) -> str:
@@ -182,10 +232,7 @@ class _Contact:
         self.links = links
         self.changes: list[Event] = []
         self.mails: list[Out] = []
-
-    @property
-    def key(self) -> str:
-        return contact_key(self.tenant, self.contact)
+        self.key = contact_key(self.tenant, self.contact)
 
     def entry(self, optin: str) -> dict[str, Any]:
         return self.state["status"]["optins"].get(optin, {})
@@ -345,6 +392,13 @@ def _on_order(run: _Contact, event: Event, at: datetime) -> None:
         optin = answer["optin"]
         if not run.is_newer(optin, event):
             continue
+        status = run.status_of(optin)
+        yes = answer["answer"]
+        if yes and status == OPTED_IN:
+            continue
+        if yes and status == PENDING and run.policy.applies(optin):
+            run.resend_if_quiet(optin, event)
+            continue
         how = _How(
             method="checkout",
             channel=data.get("channel"),
@@ -357,15 +411,10 @@ def _on_order(run: _Contact, event: Event, at: datetime) -> None:
                 prechecked=answer.get("prechecked"),
             ),
         )
-        status = run.status_of(optin)
-        if not answer["answer"]:
+        if not yes:
             run.change(optin, OPTED_OUT, at, how, event)
-        elif status == OPTED_IN:
-            continue
         elif not run.policy.applies(optin):
             run.change(optin, OPTED_IN, at, how, event)
-        elif status == PENDING:
-            run.resend_if_quiet(optin, event)
         else:
             run.change(optin, PENDING, at, how, event)
             run.start_doi(optin, event, at)
@@ -445,8 +494,23 @@ def contact_of(event: Event) -> str:
 
 
 def _copy(state: Mapping[str, Any]) -> dict[str, Any]:
-    # A JSON round trip: the state is JSON by design, and this is much faster than deepcopy.
-    return loads(dumps(state))
+    """A copy of a contact's state that the rules may change without touching `state`: each dict
+    and list they change in place (the status and its opt-ins, the private part, reach, each
+    opt-in's book, its DOI cycle and that cycle's mails) is new; what they only ever replace whole
+    (status entries, evidence, marks, the used requests) is shared with `state`."""
+    status, private = state["status"], state["private"]
+    books = {}
+    for optin, book in private["optins"].items():
+        book = dict(book)
+        cycle = book.get("doi")
+        if cycle is not None:
+            book["doi"] = {**cycle, "mails": list(cycle["mails"])}
+        books[optin] = book
+    return {
+        **state,
+        "status": {**status, "optins": dict(status["optins"])},
+        "private": {**private, "reach": dict(private["reach"]), "optins": books},
+    }
 
 
 def apply(
