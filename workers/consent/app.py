@@ -6,7 +6,8 @@ Where each piece of state lives, and why:
   by that key, so one agent owns a contact's state on one worker.
 - `consent-history` (table, same key): every `consent.changed` data of the contact, in order: the
   proof of consent `GET .../consents/proof` answers with. `consent.log` holds the same records, but
-  a topic cannot be read by key.
+  a topic cannot be read by key. Older changes are kept in pages written once (see `History`), so
+  a change does not re-write the contact's whole history.
 - `consent-schedule` (table, same key): when the contact's next reminder or expiry is due. It is
   changelogged, so reminders survive restarts and move with their partitions (see `Schedule`).
 - The three tables' changes go out with the stage's other records, batched (see `ContactTable`).
@@ -38,6 +39,7 @@ from typing import Any
 
 import aiohttp
 import faust
+from aiokafka.partitioner import murmur2
 from faust.web import Request, Response, View
 from yarl import URL
 
@@ -64,6 +66,8 @@ EVIDENCE_COLUMNS = ("order", "text_shown", "version", "prechecked", "bulk", "req
 # A GET about a contact another worker owns is passed on to it, with these headers of its answer.
 FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=10)
 FORWARDED_HEADERS = ("Content-Disposition", "Cache-Control")
+# How many changes a page of a contact's history holds (see `History`).
+HISTORY_PAGE = 16
 # A spreadsheet runs a cell starting with one of these as a formula.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -169,6 +173,57 @@ class ContactTable:
     def delete(self, key: str) -> envelope.Out:
         del self.table.data[key.encode()]
         return envelope.Out(self.changelog, key, None)
+
+
+class History:
+    """Every `consent.changed` data of each contact, in order, in a `ContactTable`.
+
+    The contact's entry (`{tenant}/{contact}` -> `{"changes": [...], "pages": [key, ...]}`) holds
+    its newest changes, at most `HISTORY_PAGE`, and the keys of its full pages, oldest first; each
+    page (`{"changes": [...]}`, `HISTORY_PAGE` changes) is an entry of its own, written once when
+    the newest changes overflow. So a change re-writes at most a page's worth of history, not all of
+    it. A page's key is the contact's key, `#`, the page's number and a salt chosen so Kafka's
+    partitioner puts the key in the contact's partition (`#` is in no id): its changelog records
+    are in the contact's changelog partition, recovered and moved with the contact's entry. An
+    entry without `pages` (all a contact's history when it has few changes) is read as it is."""
+
+    def __init__(self, app: faust.App, name: str) -> None:
+        self.table = ContactTable(app, name)
+        self.partitions = int(self.table.table.partitions or app.conf.topic_partitions)
+
+    def changes(self, key: str) -> list[dict[str, Any]]:
+        """The contact's changes so far, oldest first."""
+        entry = self.table.get(key) or {}
+        changes: list[dict[str, Any]] = []
+        for page in entry.get("pages", ()):
+            changes.extend((self.table.get(page) or {}).get("changes", ()))
+        changes.extend(entry.get("changes", ()))
+        return changes
+
+    def append(self, key: str, changes: list[dict[str, Any]]) -> list[envelope.Out]:
+        """Call in the contact's record context; returns the table changes to produce."""
+        entry = self.table.get(key) or {}
+        newest = [*entry.get("changes", ()), *changes]
+        pages = list(entry.get("pages", ()))
+        outs = []
+        while len(newest) > HISTORY_PAGE:
+            page = self.page_key(key, len(pages))
+            outs.append(self.table.set(page, {"changes": newest[:HISTORY_PAGE]}))
+            pages.append(page)
+            newest = newest[HISTORY_PAGE:]
+        outs.append(self.table.set(key, {"changes": newest, "pages": pages} if pages else {"changes": newest}))
+        return outs
+
+    def page_key(self, key: str, number: int) -> str:
+        """The key of the contact's page `number`, in the contact's partition (Kafka's default
+        partitioner: murmur2 of the key, as the edge produces)."""
+        def partition(text: str) -> int:
+            return (murmur2(text.encode()) & 0x7FFFFFFF) % self.partitions
+
+        wanted, salt = partition(key), 0
+        while partition(f"{key}#{number}.{salt}") != wanted:
+            salt += 1
+        return f"{key}#{number}.{salt}"
 
 
 class Schedule:
@@ -292,14 +347,10 @@ def register(app: faust.App, ctx: StageContext) -> None:
     now = clock()
     links = rules.Links(secret=settings.secret, base_url=f"http://{settings.web_host}:{settings.web_port}")
     contacts = ContactTable(app, f"{ctx.name}-contacts")
-    history = ContactTable(app, f"{ctx.name}-history")
+    history = History(app, f"{ctx.name}-history")
     schedule = Schedule(app, ctx.name)
     reference = Reference(on_timing_change=schedule.settings_changed)
     ctx.feed([envelope.CONFIG, envelope.SEGMENTS_MEMBERS], reference.apply)
-
-    def changes_of(key: str) -> list[dict[str, Any]]:
-        """The contact's `consent.changed` data so far, oldest first."""
-        return (history.get(key) or {}).get("changes", [])
 
     def timing_of(tenant: str) -> list[float]:
         return timing(reference.tenant(tenant).settings)
@@ -333,7 +384,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
             outs.append(contacts.set(key, state))
         changes = [out.event["data"] for out in outs if out.topic == envelope.CONSENT_LOG and out.event]
         if changes:
-            outs.append(history.set(key, {"changes": [*changes_of(key), *changes]}))
+            outs.extend(history.append(key, changes))
         due = None if state is None else rules.next_due_at(state, tenant.settings)
         return outs + schedule.set(key, item.record.message.partition, due, tenant.settings)
 
@@ -500,7 +551,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
             key = envelope.contact_key(tenant, contact)
 
             def answer() -> Response:
-                changes = changes_of(key)
+                changes = history.changes(key)
                 if request.query.get("format") == "csv":
                     disposition = f'attachment; filename="consent-proof-{tenant}-{contact}.csv"'
                     return self.bytes(proof_csv(changes).encode(), content_type="text/csv", headers={"Content-Disposition": disposition})
