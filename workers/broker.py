@@ -58,6 +58,9 @@ def start_broker(port: int, host: str = "127.0.0.1", *, quiet: bool = True) -> s
         ],
         stdout=subprocess.DEVNULL if quiet else None,
         stderr=subprocess.DEVNULL if quiet else None,
+        # Out of the terminal's process group: on Ctrl-C the caller stops its workers first and
+        # the broker last (`stop_broker`); a broker gone first leaves them hanging on shutdown.
+        start_new_session=True,
     )
     deadline = time.monotonic() + 15
     while not port_in_use(host, port):

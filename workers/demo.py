@@ -202,7 +202,7 @@ def run_demo(*, port: int, web_port: int, duration_s: float, outbox: str, rate_p
             log = logs / f"{stage}.log"
             workers.append(subprocess.Popen(
                 [sys.executable, "-m", "workers.cli", "worker", stage, "--web-port", str(stage_port), "--loglevel", "info"],
-                env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT))
+                env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True))  # stopped below, before the broker
         for (stage, stage_port), process in zip(stage_ports.items(), workers):
             wait_ready(stage_port, process, logs / f"{stage}.log")
             print(f"stage    {stage:9} http://127.0.0.1:{stage_port}  (log {logs / (stage + '.log')})", flush=True)
@@ -215,11 +215,13 @@ def run_demo(*, port: int, web_port: int, duration_s: float, outbox: str, rate_p
         print(f"usher demo: {exc}", file=sys.stderr)
         return 1
     finally:
+        print("\nstopping the stages and the broker ...", flush=True)
         for process in workers:
             process.terminate()
+        deadline = time.monotonic() + 15
         for process in workers:
             try:
-                process.wait(timeout=15)
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
         stop_broker(broker)
