@@ -27,8 +27,6 @@ Rules that are decisions rather than facts of the contract:
 from __future__ import annotations
 
 import copy
-import hashlib
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -49,6 +47,7 @@ from workers.envelope import (
     OUTBOX,
     Out,
     contact_key,
+    derived_id,
     make_event,
 )
 from workers.envelope import isotime as _isotime
@@ -165,21 +164,6 @@ def _evidence(**extra: Any) -> dict[str, Any]:
 def _present(**fields: Any) -> dict[str, Any]:
     """The fields that have a value: the contract's schemas take an absent field, not a null one."""
     return {name: value for name, value in fields.items() if value is not None}
-
-
-# The same as `envelope.derived_id` (a uuid5 in the URL namespace), without building UUID objects.
-_UUID5_NAMESPACE = uuid.NAMESPACE_URL.bytes
-_sha1 = hashlib.sha1
-
-
-def derived_id(event: Mapping[str, Any], suffix: str) -> str:
-    """A deterministic id for something caused by `event` (same input, same id)."""
-    name = f"{event['tenant']}|{event['source']}|{event['id']}|{suffix}".encode()
-    digest = bytearray(_sha1(_UUID5_NAMESPACE + name).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
-    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @lru_cache(maxsize=4096)
