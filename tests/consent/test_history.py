@@ -30,10 +30,10 @@ def test_history_keeps_every_change_in_order_and_writes_pages_once() -> None:
             kept += changes
             writes += found.append(key, changes)
         assert found.changes(key) == kept
-    pages = found.table.get(key)["pages"]
-    assert len(pages) == len(kept) // HISTORY_PAGE - (len(kept) % HISTORY_PAGE == 0)
+    salts = found.table.get(key)["pages"]
+    assert len(salts) == len(kept) // HISTORY_PAGE - (len(kept) % HISTORY_PAGE == 0)
     # Each page is written once, full; the contact's own entry stays small.
-    assert sorted(out.key for out in writes if out.key != key) == sorted(pages)
+    assert [out.key for out in writes if out.key != key] == [f"{key}#{n}.{salt}" for n, salt in enumerate(salts)]
     assert all(len(out.event["changes"]) == HISTORY_PAGE for out in writes if out.key != key)
     assert all(len(out.event["changes"]) <= HISTORY_PAGE for out in writes if out.key == key)
     # Every page is in the contact's partition, so it recovers and moves with the contact.

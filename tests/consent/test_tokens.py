@@ -99,3 +99,24 @@ def test_link_carries_the_token_in_the_query() -> None:
     parts = urlsplit(url)
     assert (parts.scheme, parts.netloc, parts.path) == ("https", "usher.venue.example", "/doi/confirm")
     assert read_confirm_token(parse_qs(parts.query)["token"][0], SECRET, FOURTEEN_DAYS_S, NOW) == CONFIRM
+
+
+def test_minted_tokens_are_what_itsdangerous_makes() -> None:
+    """Tokens are minted with a cached serializer and signer; each must be exactly the token a
+    fresh `URLSafeTimedSerializer` stamped at the same moment makes."""
+    import random
+    from dataclasses import astuple
+
+    from workers.consent.tokens import _CONFIRM_SALT, _UNSUBSCRIBE_SALT, _serializer
+
+    rng = random.Random(5)
+    start = datetime(2026, 11, 23, 18, 0, tzinfo=UTC)
+    for number in range(300):
+        now = start + timedelta(seconds=rng.randrange(10**8), microseconds=rng.randrange(10**6))
+        secret = rng.choice(["test-secret", "another-secret", "s" * 64])
+        long_id = "x" * rng.randrange(1, 120)  # long enough to be compressed
+        confirm = ConfirmClaims(f"t{number}", f"c-{number}", rng.choice(["newsletter", "sms-alerts"]), long_id)
+        unsubscribe = UnsubscribeClaims(f"t{number}", f"c-{number}", rng.choice(["email", "sms"]), long_id)
+        assert make_confirm_token(confirm, secret, now) == _serializer(secret, _CONFIRM_SALT, now).dumps(list(astuple(confirm)))
+        assert make_unsubscribe_token(unsubscribe, secret, now) == _serializer(secret, _UNSUBSCRIBE_SALT, now).dumps(list(astuple(unsubscribe)))
+        assert read_confirm_token(make_confirm_token(confirm, secret, now), secret, None, now) == confirm
