@@ -31,6 +31,7 @@ from functools import partial
 from typing import Any
 from urllib.error import URLError
 
+import orjson
 import sendgrid
 from markupsafe import escape
 from python_http_client.exceptions import HTTPError
@@ -48,6 +49,7 @@ from workers.messages.providers import (
 MAX_PERSONALIZATIONS = 1000
 MAX_SUBSTITUTION_BYTES = 10_000
 TOKEN_MARK = "%usher:"
+JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
 
 Factored = tuple[str, str, dict[str, str]]
 
@@ -56,15 +58,16 @@ def factor(send: EmailSend) -> Factored:
     """(html, text, substitutions): the mail with the recipient's own values as
     tokens, or the mail itself with no substitutions when that is not exact."""
     own = (send.html, send.text, {})
-    values = sorted(((role, value) for role, value in send.personal if value), key=lambda item: -len(item[1]))
     if TOKEN_MARK in send.html or TOKEN_MARK in send.text or TOKEN_MARK in send.subject:
         return own
+    values = [(role, value) for role, value in send.personal if value]
+    values.sort(key=_longest_first)
     html, text, substitutions = send.html, send.text, {}
     for role, value in values:
         if TOKEN_MARK in value:
             return own
         # The HTML holds a value escaped, as the layout's autoescape wrote it.
-        escaped = str(escape(value))
+        escaped = str(escape(value)) if _HTML_SPECIAL.intersection(value) else value
         if escaped in html:
             token = f"{TOKEN_MARK}{role}:h%"
             substitutions[token] = escaped
@@ -73,11 +76,26 @@ def factor(send: EmailSend) -> Factored:
             token = f"{TOKEN_MARK}{role}:t%"
             substitutions[token] = value
             text = text.replace(value, token)
-    if not substitutions or len(json.dumps(substitutions).encode()) > MAX_SUBSTITUTION_BYTES:
+    if not substitutions or _over_substitution_limit(substitutions):
         return own
     if substitute(html, substitutions) != send.html or substitute(text, substitutions) != send.text:
         return own
     return html, text, substitutions
+
+
+def _longest_first(item: tuple[str, str]) -> int:
+    return -len(item[1])
+
+
+# What markupsafe's escape changes; a value without any of them is its own escaped form.
+_HTML_SPECIAL = frozenset("&<>'\"")
+
+
+def _over_substitution_limit(substitutions: dict[str, str]) -> bool:
+    """Whether `len(json.dumps(substitutions).encode())` (SendGrid's count) is over the limit;
+    measured only when it could be (JSON writes a character in six bytes at most)."""
+    bound = sum(6 * (len(token) + len(value)) + 6 for token, value in substitutions.items()) + 2
+    return bound > MAX_SUBSTITUTION_BYTES and len(json.dumps(substitutions).encode()) > MAX_SUBSTITUTION_BYTES
 
 
 def substitute(body: str, substitutions: dict[str, str]) -> str:
@@ -188,5 +206,9 @@ class SendGridProvider:
         return [results[send.request] for send in batch]
 
     def _post(self, body: dict[str, Any]) -> str | None:
-        response = self._client.client.mail.send.post(request_body=body, timeout=self._timeout_s)
+        # The client would encode the body with json.dumps, ten times orjson's cost for a
+        # thousand personalizations; with a Content-Type of its own it sends a string as it is.
+        response = self._client.client.mail.send.post(
+            request_body=orjson.dumps(body).decode("utf-8"), request_headers=JSON_HEADERS, timeout=self._timeout_s
+        )
         return response.headers.get("X-Message-Id")
