@@ -111,12 +111,17 @@ def test_minted_tokens_are_what_itsdangerous_makes() -> None:
 
     rng = random.Random(5)
     start = datetime(2026, 11, 23, 18, 0, tzinfo=UTC)
+    compressed = 0
     for number in range(300):
         now = start + timedelta(seconds=rng.randrange(10**8), microseconds=rng.randrange(10**6))
         secret = rng.choice(["test-secret", "another-secret", "s" * 64])
         long_id = "x" * rng.randrange(1, 120)  # long enough to be compressed
+        if number % 7 == 0:
+            long_id += ' é"\\\n'  # what JSON escapes, and text that is not ASCII
         confirm = ConfirmClaims(f"t{number}", f"c-{number}", rng.choice(["newsletter", "sms-alerts"]), long_id)
         unsubscribe = UnsubscribeClaims(f"t{number}", f"c-{number}", rng.choice(["email", "sms"]), long_id)
         assert make_confirm_token(confirm, secret, now) == _serializer(secret, _CONFIRM_SALT, now).dumps(list(astuple(confirm)))
         assert make_unsubscribe_token(unsubscribe, secret, now) == _serializer(secret, _UNSUBSCRIBE_SALT, now).dumps(list(astuple(unsubscribe)))
         assert read_confirm_token(make_confirm_token(confirm, secret, now), secret, None, now) == confirm
+        compressed += make_confirm_token(confirm, secret, now).startswith(".")
+    assert 0 < compressed < 300  # both kinds of payload were compared

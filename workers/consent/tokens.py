@@ -8,6 +8,8 @@ move time.
 from __future__ import annotations
 
 import hashlib
+import json
+import zlib
 from dataclasses import dataclass, fields
 from datetime import datetime
 from functools import lru_cache
@@ -81,11 +83,10 @@ def _serializer(secret: str, salt: str, now: datetime) -> URLSafeTimedSerializer
 
 
 @lru_cache(maxsize=64)
-def _minter(secret: str, salt: str) -> tuple[URLSafeTimedSerializer, TimestampSigner]:
-    """The serializer and signer `_serializer(secret, salt, now).dumps` uses, but for any `now`:
-    making them is most of the cost of a token, and a confirmation mail needs one."""
-    serializer = _serializer(secret, salt, datetime.now().astimezone())
-    return serializer, serializer.make_signer()
+def _signer(secret: str, salt: str) -> TimestampSigner:
+    """The signer `_serializer(secret, salt, now).dumps` signs with (its key derived), for any
+    `now`: making serializer and signer was most of the cost of a token, and each DOI mail has one."""
+    return _serializer(secret, salt, datetime.now().astimezone()).make_signer()
 
 
 @lru_cache(maxsize=8)
@@ -93,11 +94,25 @@ def _field_names(kind: type) -> tuple[str, ...]:
     return tuple(f.name for f in fields(kind))
 
 
+# What itsdangerous' compact JSON (`_CompactJSON.dumps`) is, made once rather than per token.
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def _payload(values: list[str]) -> bytes:
+    """`URLSafeTimedSerializer.dump_payload(values)`: compact JSON, zlib-compressed when that is
+    shorter by more than a byte, URL-safe base64, `.` first when compressed."""
+    data = _COMPACT_JSON.encode(values).encode("utf-8")
+    compressed = zlib.compress(data)
+    if len(compressed) < len(data) - 1:
+        return b"." + base64_encode(compressed)
+    return base64_encode(data)
+
+
 def _make(claims: ConfirmClaims | UnsubscribeClaims, salt: str, secret: str, now: datetime) -> str:
     """`_serializer(secret, salt, now).dumps(claims as a list)`, step by step (as
     `Serializer.dumps` and `TimestampSigner.sign` do it) with the signer stamped at `now`."""
-    serializer, signer = _minter(secret, salt)
-    payload = serializer.dump_payload([getattr(claims, name) for name in _field_names(type(claims))])
+    signer = _signer(secret, salt)
+    payload = _payload([getattr(claims, name) for name in _field_names(type(claims))])
     value = payload + signer.sep + base64_encode(int_to_bytes(int(now.timestamp())))
     return (value + signer.sep + signer.get_signature(value)).decode("utf-8")
 
