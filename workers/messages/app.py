@@ -47,6 +47,8 @@ import aiohttp
 import faust
 import orjson
 from faust.stores import rocksdb as faust_rocksdb
+from faust.stores.base import SerializedStore
+from faust.utils import json as faust_json
 from faust.types import TP
 from faust.web import Request, Response, View
 from yarl import URL
@@ -237,6 +239,30 @@ class BatchedTable(faust.Table):
     def on_key_set(self, key: Any, value: Any) -> None:
         self._changes[self.partition_for_key(key)][key] = value
 
+    def value(self, key: Any) -> Any:
+        """`self.get(key)` (None when missing) with one store lookup: faust's `get` looks a key up
+        twice (`in`, then the value) and raises and catches a KeyError for a missing one."""
+        store = self.data
+        if not isinstance(store, SerializedStore):
+            return self.get(key)
+        self.on_key_get(key)
+        raw = store._get(store._encode_key(key))
+        return None if raw is None else store._decode_value(raw)
+
+    def _encoders(self) -> tuple[Callable[[Any], bytes], Callable[[Any], bytes]]:
+        """How changelog keys and values are encoded: for the `json` serializer straight through
+        faust's json `dumps` (the same bytes), else through the changelog topic as faust does."""
+        topic = self.changelog_topic
+
+        def key_bytes(key: Any) -> bytes:
+            return topic.prepare_key(key, self.key_serializer)[0]
+
+        def value_bytes(value: Any) -> bytes:
+            return topic.prepare_value(value, self.value_serializer)[0]
+
+        return (_json_bytes if self.key_serializer == "json" else key_bytes,
+                _json_bytes if self.value_serializer == "json" else value_bytes)
+
     def on_key_del(self, key: Any) -> None:
         self._changes[self.partition_for_key(key)][key] = None
 
@@ -247,15 +273,12 @@ class BatchedTable(faust.Table):
         producer = self.app.producer._ensure_producer()
         topic = self.changelog_topic
         name = topic.get_topic_name()
+        key_bytes, value_bytes = self._encoders()
         sent = []
         for partition, values in changes.items():
             batch, count = producer.create_batch(), 0
             for key, value in values.items():
-                record = {
-                    "key": topic.prepare_key(key, self.key_serializer)[0],
-                    "value": None if value is None else topic.prepare_value(value, self.value_serializer)[0],
-                    "timestamp": None,
-                }
+                record = {"key": key_bytes(key), "value": None if value is None else value_bytes(value), "timestamp": None}
                 if batch.append(**record) is None:
                     sent.append((partition, count, await producer.send_batch(batch, name, partition=partition)))
                     batch, count = producer.create_batch(), 0
@@ -266,6 +289,12 @@ class BatchedTable(faust.Table):
             metadata = await acknowledgement
             # What faust records per change: a RocksDB store resumes its recovery after this offset.
             self.data.set_persisted_offset(TP(name, partition), metadata.offset + count - 1)
+
+
+def _json_bytes(value: Any) -> bytes:
+    """What faust's `json` codec makes of a value (its `faust.utils.json.dumps`, as bytes)."""
+    encoded = faust_json.dumps(value)
+    return encoded if isinstance(encoded, bytes) else encoded.encode()
 
 
 def with_stage_rocksdb(store: Any) -> Any:
@@ -298,7 +327,7 @@ class LedgerRows:
         rows = self._rows.get(key)
         if rows is None:
             with item.context():
-                rows = self._rows[key] = dict(self.ledger.get(key) or {})
+                rows = self._rows[key] = dict(self.ledger.value(key) or {})
         return rows
 
     def put(self, item: Accepted, key: str, row: dict[str, Any]) -> None:
@@ -488,13 +517,13 @@ class Callbacks:
             return [self.ctx.edge.reject(f"record key {item.key!r} is not {group!r}", item)]
         subject = self._subject(reported)
         if subject is None:
-            self.waiting[group] = [*(self.waiting.get(group) or ()), reported][-MAX_WAITING:]
+            self.waiting[group] = [*(self.waiting.value(group) or ()), reported][-MAX_WAITING:]
             return []
         return self._statuses(reported, subject)
 
     def _subject(self, reported: dict[str, Any]) -> dict[str, Any] | None:
         """What was sent to the callback's recipient: the request it names, else the one request sent there."""
-        requests = self.sends.get(rules.callback_correlation_key(reported)) or {}
+        requests = self.sends.value(rules.callback_correlation_key(reported)) or {}
         request = reported["data"]["request"]
         if request is not None:
             return requests.get(request)
@@ -514,8 +543,8 @@ class Callbacks:
         for recipient in data["recipients"]:
             key = rules.correlation_key(item.tenant, data["provider"], data["provider_id"], recipient["address"])
             subject = {name: recipient[name] for name in RECIPIENT_FIELDS} | {"provider_id": data["provider_id"]}
-            self.sends[key] = {**(self.sends.get(key) or {}), recipient["request"]: subject}
-        waiting = self.waiting.get(group)
+            self.sends[key] = {**(self.sends.value(key) or {}), recipient["request"]: subject}
+        waiting = self.waiting.value(group)
         if not waiting:
             return []
         outs, still = [], []
@@ -549,9 +578,9 @@ class History:
                 continue
             summary_key, pointer = keys
             with item.context():
-                summary = summaries[summary_key][0] if summary_key in summaries else self.table.get(summary_key)
-                number = self.table.get(pointer)
-                row = None if number is None else self.table.get(row_key(summary_key, number))
+                summary = summaries[summary_key][0] if summary_key in summaries else self.table.value(summary_key)
+                number = self.table.value(pointer)
+                row = None if number is None else self.table.value(row_key(summary_key, number))
                 summary, new_row = rules.fold_status(summary, row, item.data)
                 if number is None:
                     number = summary["recipients"] - 1
