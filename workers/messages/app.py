@@ -239,6 +239,15 @@ class BatchedTable(faust.Table):
     def on_key_set(self, key: Any, value: Any) -> None:
         self._changes[self.partition_for_key(key)][key] = value
 
+    def __setitem__(self, key: Any, value: Any) -> None:
+        store = self.data
+        if isinstance(store, SerializedStore) and self.key_serializer == self.value_serializer == "json":
+            # faust's own path, less its serializer registry: the same bytes, straight to the store.
+            self.on_key_set(key, value)
+            store._set(_json_bytes(key), _json_bytes(value))
+        else:
+            super().__setitem__(key, value)
+
     def value(self, key: Any) -> Any:
         """`self.get(key)` (None when missing) with one store lookup: faust's `get` looks a key up
         twice (`in`, then the value) and raises and catches a KeyError for a missing one."""
@@ -368,6 +377,7 @@ class Sender:
         in_batch: set[tuple[str, str]] = set()
         correlated: list[tuple[str, dict[str, Any], str]] = []
         now = envelope.utcnow()
+        queued_at = envelope.isotime(now)
         for item in items:
             data = item.data
             key = envelope.contact_key(item.tenant, data["contact"])
@@ -393,13 +403,15 @@ class Sender:
                 rows.put(item, key, outcome_row(None, plan))
                 continue
             provider = self.email if isinstance(plan, EmailSend) else self.sms
-            rows.put(item, key, queued_row(item.event, provider.name, envelope.isotime(now)))
+            rows.put(item, key, queued_row(item.event, provider.name, queued_at))
             sending.append((item, key, plan))
         if sending:
             # The queued rows must be in Kafka before a provider sees anything.
             await self.ledger.flush()
-            for (item, key, plan), result in await self._deliver(sending):
-                status = rules.result_status(item.event, result, envelope.utcnow())
+            delivered = await self._deliver(sending)
+            answered = envelope.utcnow()  # the providers' answers came together
+            for (item, key, plan), result in delivered:
+                status = rules.result_status(item.event, result, answered)
                 rows.put(item, key, outcome_row(rows.of(item, key)[plan.request], status))
                 outs.extend(self._sent_records(item, status, correlated, plan.to))
         outs.extend(correlations(correlated))

@@ -324,6 +324,11 @@ def _nl2br(eval_ctx: EvalContext, value: Any) -> str:
     text = str(value)
     if not eval_ctx.autoescape:
         return text
+    return _html_lines(text)
+
+
+@lru_cache(maxsize=256)  # a message's custom text is the same for every recipient
+def _html_lines(text: str) -> Markup:
     return Markup("<br>\n").join(escape(line) for line in text.splitlines())
 
 

@@ -288,15 +288,21 @@ def request_status_id(tenant: str, request: str, status: str) -> str:
 
 
 def failed_status(request: Mapping[str, Any], error: str, now: datetime) -> Out:
-    return delivery_status(request, "failed", at=isotime(now), error=error)
+    return delivery_status(request, "failed", at=_moment(now), error=error)
 
 
 def result_status(request: Mapping[str, Any], result: ProviderResult, now: datetime) -> Out:
     """What a provider answered for a request: sent, failed or unknown."""
     return delivery_status(
-        request, result.status, at=isotime(now), provider=result.provider, provider_id=result.provider_id,
+        request, result.status, at=_moment(now), provider=result.provider, provider_id=result.provider_id,
         error=result.error,
     )
+
+
+@lru_cache(maxsize=8)
+def _moment(now: datetime) -> str:
+    """`isotime(now)`: a batch's statuses share their moment, written once."""
+    return isotime(now)
 
 
 def _order_count(request_vars: Mapping[str, Any]) -> int:
