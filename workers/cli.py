@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import gc
+import logging
 import os
 import signal
 import sys
@@ -63,8 +65,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     stages = STAGES if args.stage == "all" else (args.stage,)
+    from mode.utils.logging import level_number
+
+    class Worker(faust.Worker):
+        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+            # mode leaves the root logger at DEBUG whatever the log level asked for, and aiokafka
+            # then builds a log record for every broker response (a few % of a stage's time).
+            logger.setLevel(level_number(self.loglevel))
+
+    # Collections less often: a stage makes and drops many small dicts per record, and with the
+    # default thresholds the collector ran through every live object far more often than needed.
+    gc.set_threshold(50_000, 20, 20)
     app = build_app(stages, settings)
-    worker = faust.Worker(app, loglevel=args.loglevel, quiet=True)
+    worker = Worker(app, loglevel=args.loglevel, quiet=True)
     worker.execute_from_commandline()
     return 0
 
