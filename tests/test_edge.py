@@ -13,7 +13,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from workers import edge as edge_module
 from workers import envelope
-from workers.edge import Accepted, Edge, _partition_of
+from workers.edge import Accepted, Edge, partition_of
 
 
 class EdgeRig:
@@ -117,7 +117,7 @@ async def test_a_failing_handler_parks_the_record_and_the_stage_goes_on(monkeypa
 def test_records_go_to_the_partition_kafkas_default_partitioner_picks() -> None:
     partitions = list(range(6))
     for key in (b"t1/c-1", b"t1/c-2", b"venue/~co-9", b"t2/msg-1/c-42"):
-        assert _partition_of(key, 6) == DefaultPartitioner()(key, partitions, partitions)
+        assert partition_of(key, 6) == DefaultPartitioner()(key, partitions, partitions)
 
 
 def test_stable_ids_are_the_uuid5_they_always_were() -> None:

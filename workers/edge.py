@@ -251,7 +251,7 @@ async def produce_batches(producer: AIOKafkaProducer, outs: Iterable[envelope.Ou
     by_partition: dict[tuple[str, int], list[envelope.Out]] = defaultdict(list)
     for out in outs:
         partitions = _PARTITIONS.get(out.topic) or await _partitions(producer, out.topic)
-        by_partition[(out.topic, _partition_of(out.key.encode(), partitions))].append(out)
+        by_partition[(out.topic, partition_of(out.key.encode(), partitions))].append(out)
     acknowledgements = []
     produced: dict[str, int] = defaultdict(int)
     for (topic, partition), items in by_partition.items():
@@ -278,5 +278,6 @@ async def _partitions(producer: AIOKafkaProducer, topic: str) -> int:
 
 
 @lru_cache(maxsize=65536)  # keys repeat (contacts); murmur2 is pure Python
-def _partition_of(key: bytes, partitions: int) -> int:
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives `key` (murmur2), as every producer here uses."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions

@@ -10,9 +10,9 @@ import hashlib
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -41,6 +41,13 @@ DEAD_LETTERS = "usher.dead-letters"
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def clock(offset_s: float = 0.0) -> Callable[[], datetime]:
+    """A stage's "now": the wall clock, shifted by `offset_s` (`USHER_CLOCK_OFFSET_S`, so tests
+    can see days of reminders and send windows pass; 0 in production)."""
+    offset = timedelta(seconds=offset_s)
+    return lambda: utcnow() + offset
 
 
 def isotime(moment: datetime | None = None) -> str:

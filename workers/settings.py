@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     sns_trusted_urls: str = "https://amazonaws.com"
     # SNS topics the SMS webhook takes messages from (comma-separated ARNs; empty: any).
     sns_topic_arns: str = ""
+    # Shifts the stages' clocks by this many seconds, so tests can see days pass; 0 in production.
+    clock_offset_s: float = 0.0
     data_dir: Path = Path("./data")
     # "rocksdb://" keeps tables on disk (production); "memory://" is for tests and demos.
     store: str = "rocksdb://"

@@ -30,30 +30,26 @@ import csv
 import heapq
 import io
 import ipaddress
-import os
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import aiohttp
 import faust
-from aiokafka.partitioner import murmur2
 from faust.web import Request, Response, View
-from yarl import URL
 
 from workers import envelope, web
 from workers.consent import pages, rules, tokens
-from workers.edge import Accepted, produce
+from workers.edge import Accepted, partition_of, produce
+from workers.owners import Owners
+from workers.tables import ContactTable
 from workers.stage import StageContext
 
 # Created with the contract's topics (workers/topics.py); keyed {tenant}/{contact}.
 FANOUT = "usher.consent.fanout"
 DUE = "usher.consent-due"
 CLOCK_SOURCE = "/usher/consent/clock"
-# Shifts this stage's clock, so tests can see days of reminders pass; unset in production.
-CLOCK_OFFSET_ENV = "USHER_CLOCK_OFFSET_S"
 # How often the timer looks for due reminders and expiries.
 TICK_EVERY_S = 1.0
 # A due contact is handed out again if still due this long after (its record was lost).
@@ -63,19 +59,10 @@ AT_ONCE = datetime.min.replace(tzinfo=timezone.utc)
 
 PROOF_COLUMNS = ("contact", "optin", "from", "to", "method", "channel", "ip", "user_agent", "user", "note", "at")
 EVIDENCE_COLUMNS = ("order", "text_shown", "version", "prechecked", "bulk", "request")
-# A GET about a contact another worker owns is passed on to it, with these headers of its answer.
-FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=10)
-FORWARDED_HEADERS = ("Content-Disposition", "Cache-Control")
 # How many changes a page of a contact's history holds (see `History`).
 HISTORY_PAGE = 8
 # A spreadsheet runs a cell starting with one of these as a formula.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def clock() -> Callable[[], datetime]:
-    """The stage's "now": the wall clock, shifted by `USHER_CLOCK_OFFSET_S` seconds when set."""
-    offset = timedelta(seconds=float(os.environ.get(CLOCK_OFFSET_ENV) or 0))
-    return lambda: envelope.utcnow() + offset
 
 
 def timing(settings: Mapping[str, Any] | None) -> list[float]:
@@ -144,38 +131,6 @@ class Reference:
         return None
 
 
-class ContactTable:
-    """A faust table keyed `{tenant}/{contact}` whose changes are produced with the stage's other
-    records, in one batch per partition, instead of by faust one send at a time (which costs more
-    than the consent rules themselves). Call `set`/`delete` in the record's context and return
-    their `Out` with the handler's. Keys are kept as bytes, which faust serializes raw, so a change
-    lands in the changelog partition of the record's own partition (the key's, murmur2 as
-    everywhere), as faust's would; recovery and standbys read that changelog as usual."""
-
-    def __init__(self, app: faust.App, name: str) -> None:
-        self.table = app.Table(name, default=None, key_type=bytes)
-        self.changelog = self.table.changelog_topic.get_topic_name()
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        # Through the store: faust's Table.get (key events, __missing__) costs more than a rule.
-        return self.table.data.get(key.encode())
-
-    def items(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        return ((key.decode(), value) for key, value in self.table.items())
-
-    def on_recover(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """Call `callback` whenever the table has been recovered, after every rebalance."""
-        self.table.on_recover(callback)
-
-    def set(self, key: str, value: dict[str, Any]) -> envelope.Out:
-        self.table.data[key.encode()] = value
-        return envelope.Out(self.changelog, key, value)
-
-    def delete(self, key: str) -> envelope.Out:
-        del self.table.data[key.encode()]
-        return envelope.Out(self.changelog, key, None)
-
-
 class History:
     """Every `consent.changed` data of each contact, in order, in a `ContactTable`.
 
@@ -218,11 +173,8 @@ class History:
     def salt(self, key: str, number: int) -> int:
         """The first salt that puts page `number` in the contact's partition (Kafka's default
         partitioner, murmur2 of the key, as the edge produces)."""
-        def partition(text: str) -> int:
-            return (murmur2(text.encode()) & 0x7FFFFFFF) % self.partitions
-
-        wanted, salt = partition(key), 0
-        while partition(_page_key(key, number, salt)) != wanted:
+        wanted, salt = partition_of(key.encode(), self.partitions), 0
+        while partition_of(_page_key(key, number, salt).encode(), self.partitions) != wanted:
             salt += 1
         return salt
 
@@ -349,7 +301,7 @@ def _page(view: View, page: pages.Page) -> Response:
 
 def register(app: faust.App, ctx: StageContext) -> None:
     settings = ctx.settings
-    now = clock()
+    now = envelope.clock(settings.clock_offset_s)
     links = rules.Links(secret=settings.secret, base_url=f"http://{settings.web_host}:{settings.web_port}")
     contacts = ContactTable(app, f"{ctx.name}-contacts")
     history = History(app, f"{ctx.name}-history")
@@ -395,15 +347,11 @@ def register(app: faust.App, ctx: StageContext) -> None:
 
     ctx.edge.subscribe("contacts", [envelope.ORDERS, envelope.COMMANDS, FANOUT], on_record=handle)
 
-    def settled() -> bool:
-        """Feeds caught up and tables recovered: the state the timer and pages read is complete."""
-        recovery = app.tables.recovery
-        feeds = all(ready.is_set() for ready in ctx.edge.waits)
-        return feeds and recovery.completed.is_set() and not recovery.in_recovery
+    owners = Owners(app, ctx.edge.waits)
 
     @app.timer(TICK_EVERY_S)
     async def consent_clock() -> None:
-        if not settled():
+        if not owners.settled():
             return
         moment = now()
         outs = []
@@ -413,32 +361,12 @@ def register(app: faust.App, ctx: StageContext) -> None:
             outs.append(envelope.Out(FANOUT, key, event))
         await produce(app, outs, ctx.name)
 
-    here = str(app.conf.canonical_url)
-
-    def owner_of(key: str) -> str | None:
-        """The web address of the worker active for the contact's partition (None while unassigned).
-        Not faust's router: it hashes table keys as JSON, not as the records' keys are partitioned."""
-        partition = app.consumer.key_partition(envelope.ORDERS, key.encode())
-        if partition is None:
-            return None
-        distribution = app.router.external_topics_metadata()
-        return next((url for url, topics in distribution.items() if partition in topics.get(envelope.ORDERS, ())), None)
-
-    def owned_here(key: str) -> bool:
-        """Whether this worker's table holds the contact's current state."""
-        return settled() and owner_of(key) == here
-
     async def from_owner(view: View, request: Request, key: str, answer: Callable[[], Response]) -> Response:
         """Answer a GET about a contact here if this worker owns it, else pass on the owner's answer."""
-        owner = owner_of(key)
-        if owner == here and settled():
-            return answer()
-        if owner is None or owner == here:
-            return web.error(view, 503, "rebalancing", "The contact's records are moving between workers; try again shortly.")
-        headers = {name: value for name, value in request.headers.items() if name.lower() != "host"}
-        async with app.http_client.get(URL(owner).join(request.rel_url), headers=headers, timeout=FORWARD_TIMEOUT) as response:
-            passed_on = {name: response.headers[name] for name in FORWARDED_HEADERS if name in response.headers}
-            return view.bytes(await response.read(), content_type=response.content_type, status=response.status, headers=passed_on)
+        return await owners.answer(view, request, envelope.ORDERS, key, answer)
+
+    def owned_here(key: str) -> bool:
+        return owners.owned_here(envelope.ORDERS, key)
 
     def read_confirm(token: str, moment: datetime) -> tuple[tokens.ConfirmClaims | None, str | None]:
         """(claims, None) or (None, why the link changes nothing). The age allowed depends on the

@@ -19,15 +19,14 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-import aiohttp
 import faust
 from faust.types import EventT, TableT
 from faust.web import Request, Response, View
-from yarl import URL
 
 from workers import envelope, web
 from workers.edge import Accepted
 from workers.fields import FORMS, validate_answers
+from workers.owners import Owners
 from workers.prompts import rules
 from workers.stage import StageContext
 
@@ -35,10 +34,6 @@ from workers.stage import StageContext
 CONFIG_KINDS = ("settings", "optin", "optin-set", "custom-field")
 # The language tags records carry (schemas/cloudevent.json, `language`).
 LANGUAGE_PATTERN = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
-# A prompt asked of a worker that does not hold the contact is passed on to the one that does.
-FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=5)
-# Marks a passed-on request, so two workers that disagree during a rebalance do not pass it around.
-FORWARDED_HEADER = "X-Usher-Forwarded"
 
 
 class Reference:
@@ -223,38 +218,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
     ctx.edge.subscribe("checkouts", [envelope.CHECKOUTS], on_batch=prompt_checkouts)
     ctx.edge.subscribe("contacts", list(contact_state), on_batch=keep_contact_state, on_tombstone=forget_contact)
 
-    def settled() -> bool:
-        """Feeds caught up and tables recovered: what the views read is complete."""
-        recovery = app.tables.recovery
-        feeds = all(ready.is_set() for ready in ctx.edge.waits)
-        return feeds and recovery.completed.is_set() and not recovery.in_recovery
-
-    here = str(app.conf.canonical_url)
-
-    def owner_of(key: str) -> str | None:
-        """The web address of the worker active for the contact's partition (None while unassigned).
-        Not faust's router: it hashes table keys as JSON, not as the records' keys are partitioned."""
-        partition = app.consumer.key_partition(envelope.CONSENT_STATE, key.encode())
-        if partition is None:
-            return None
-        distribution = app.router.external_topics_metadata()
-        return next((url for url, topics in distribution.items() if partition in topics.get(envelope.CONSENT_STATE, ())), None)
-
-    async def from_owner(view: View, request: Request, key: str | None, answer: Callable[[], Response]) -> Response:
-        """Answer here if this worker holds the contact (or there is none), else pass on the owner's answer."""
-        if not settled():
-            return web.error(view, 503, "starting", "The prompts stage is still reading its state; try again shortly.")
-        owner = here if key is None else owner_of(key)
-        if owner == here:
-            return answer()
-        if owner is None or FORWARDED_HEADER in request.headers:
-            return web.error(view, 503, "rebalancing", "The contact's records are moving between workers; try again shortly.")
-        headers = {name: value for name, value in request.headers.items() if name.lower() != "host"} | {FORWARDED_HEADER: here}
-        try:
-            async with app.http_client.get(URL(owner).join(request.rel_url), headers=headers, timeout=FORWARD_TIMEOUT) as response:
-                return view.bytes(await response.read(), content_type=response.content_type, status=response.status)
-        except (aiohttp.ClientError, TimeoutError):
-            return web.error(view, 503, "owner_unavailable", "The worker holding the contact does not answer; try again shortly.")
+    owners = Owners(app, ctx.edge.waits)
 
     @app.page("/v1/prompts")
     class Prompts(View):
@@ -285,7 +249,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
                     form=query.get("form", "checkout"),
                 ))
 
-            return await from_owner(self, request, key, answer)
+            return await owners.answer(self, request, envelope.CONSENT_STATE, key, answer)
 
     @app.page("/v1/fields/validate")
     class ValidateFields(View):
@@ -303,7 +267,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
             problem = validate_body_problem(body)
             if problem is not None:
                 return web.error(self, 400, "invalid_body", problem)
-            if not settled():
+            if not owners.settled():
                 return web.error(self, 503, "starting", "The prompts stage is still reading its configuration; try again shortly.")
             fields = (reference.config(tenant) or rules.empty_config())["fields"]
             errors = validate_answers(fields, body["answers"], body["form"], body.get("language"))

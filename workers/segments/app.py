@@ -43,12 +43,12 @@ from faust.web import Request, Response, View
 from yarl import URL
 
 from workers import envelope, web
-from workers.consent.app import ContactTable, clock
 from workers.edge import Accepted, produce, rejection
 from workers.fields import MESSAGE_FALLBACK_LANGUAGE, shown_in
-from workers.messages.app import Owners
+from workers.owners import Owners
 from workers.segments import audience, family, profiles, rules
 from workers.stage import StageContext
+from workers.tables import ContactTable
 
 JUDGE = "segments.judge"
 CLOCK_SOURCE = "/usher/segments/clock"
@@ -228,7 +228,7 @@ def judge_record(tenant: str, contact: str, message: str, moment: datetime) -> e
 
 
 def register(app: faust.App, ctx: StageContext) -> None:
-    now = clock()
+    now = envelope.clock(ctx.settings.clock_offset_s)
     reference = Reference()
     feed = ctx.feed([envelope.CONFIG, envelope.EVENTS, envelope.MESSAGES], reference.apply)
     reference.caught_up = feed.ready
