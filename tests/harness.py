@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -179,3 +180,34 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class StageDriver:
+    """One stage of a test worker, seen from outside: Kafka in and out, its web port and /metrics."""
+
+    stage: str
+
+    def __init__(self, kafka: Kafka, worker: WorkerProcess) -> None:
+        self.kafka = kafka
+        self.worker = worker
+
+    def consumed(self, topic: str) -> float:
+        """How many records of `topic` the stage has read (the worker's /metrics)."""
+        with urllib.request.urlopen(f"{self.worker.url}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        pattern = rf'^usher_records_consumed_total{{stage="{self.stage}",topic="{re.escape(topic)}"}} (\S+)$'
+        found = re.search(pattern, text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    def publish_and_wait(self, records: list[tuple[str, str, dict[str, Any] | None]], timeout: float = 30) -> None:
+        """Publish (topic, key, value) records and wait until the stage has read them all. What a
+        stage reads whole into memory (configuration, events, messages) is not waited for by its
+        agents, so a test that publishes it must wait before what depends on it."""
+        topics = {topic for topic, _, _ in records}
+        expected = {topic: self.consumed(topic) + sum(1 for t, _, _ in records if t == topic) for topic in topics}
+        for topic, key, value in records:
+            self.kafka.send(topic, key, value)
+        deadline = time.monotonic() + timeout
+        while any(self.consumed(topic) < count for topic, count in expected.items()):
+            assert time.monotonic() < deadline, f"the {self.stage} stage did not read {sorted(topics)} in time"
+            time.sleep(0.1)

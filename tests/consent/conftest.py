@@ -3,15 +3,13 @@ and its back office would and reads back what the stage published, and a broker 
 tests that restart a worker with its clock moved."""
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Kafka, WorkerProcess, event, unique
+from harness import Kafka, StageDriver, WorkerProcess, event, unique
 
 from workers import envelope
 from workers.broker import free_port, start_broker, stop_broker
@@ -37,43 +35,19 @@ OPTINS = {
 }
 
 
-class ConsentDriver:
+class ConsentDriver(StageDriver):
     """One worker running the consent stage, seen from outside: Kafka in and out, and its web port."""
 
+    stage = "consent"
     # Signs link tokens (USHER_SECRET), as every test worker is started with.
     secret = SECRET
-
-    def __init__(self, kafka: Kafka, worker: WorkerProcess) -> None:
-        self.kafka = kafka
-        self.worker = worker
-
-    def consumed(self, topic: str) -> float:
-        """How many records of `topic` the worker's consent stage has read (its /metrics)."""
-        with urllib.request.urlopen(f"{self.worker.url}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        pattern = rf'^usher_records_consumed_total{{stage="consent",topic="{re.escape(topic)}"}} (\S+)$'
-        found = re.search(pattern, text, re.MULTILINE)
-        return float(found.group(1)) if found else 0.0
-
-    def publish_reference(self, records: list[tuple[str, str, dict[str, Any] | None]]) -> None:
-        """Publish (topic, key, value) records the stage reads whole into memory, and wait until it
-        has read them: its agents do not wait for later reference records, so a test must."""
-        before = {topic: self.consumed(topic) for topic in {topic for topic, _, _ in records}}
-        for topic, key, value in records:
-            self.kafka.send(topic, key, value)
-        for topic, count in before.items():
-            expected = count + sum(1 for t, _, _ in records if t == topic)
-            deadline = time.monotonic() + 30
-            while self.consumed(topic) < expected:
-                assert time.monotonic() < deadline, f"the consent stage did not read {topic} in time"
-                time.sleep(0.1)
 
     def configure(self, tenant: str, *, double_opt_in: bool) -> None:
         """Settings (double opt-in for the newsletter, or none at all) and the opt-ins of `OPTINS`."""
         settings = DOI_SETTINGS if double_opt_in else SINGLE_SETTINGS
         records = [(envelope.CONFIG, f"{tenant}/settings/default", event("config.settings", tenant, settings))]
         records += [(envelope.CONFIG, f"{tenant}/optin/{o}", event("config.optin", tenant, data)) for o, data in OPTINS.items()]
-        self.publish_reference(records)
+        self.publish_and_wait(records)
 
     def order(self, tenant: str, contact: str, answers: dict[str, bool], *, at: str | None = None,
               language: str = "nl") -> dict[str, Any]:

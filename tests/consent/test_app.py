@@ -123,7 +123,7 @@ def test_manual_and_bulk_changes_give_each_contact_its_own_logged_change(consent
 
     # A segment: its members as segments.members holds them now (s-3 left; s-4 is in another message's).
     members = [("msg-1", "s-1", True), ("msg-1", "s-2", True), ("msg-1", "s-3", True), ("msg-1", "s-3", False), ("msg-2", "s-4", True)]
-    consent.publish_reference([
+    consent.publish_and_wait([
         (envelope.SEGMENTS_MEMBERS, f"{tenant}/{message}/{contact}", envelope.make_event(
             "segment.member", tenant, {"message": message, "contact": contact, "member": member, "orders": [], "language": "en"}, source="/tests"))
         for message, contact, member in members

@@ -3,47 +3,32 @@ and its back office would, and reads back the prompts (from `checkout.prompts` a
 from __future__ import annotations
 
 import json
-import re
 import time
 import urllib.parse
 import urllib.request
 from typing import Any
 
 import pytest
-from harness import Kafka, WorkerProcess, event, http, unique
+from harness import Kafka, StageDriver, WorkerProcess, event, http, unique
 
 from workers import envelope
 
 SOURCE = "/usher/prompts"
 
 
-class PromptsDriver:
+class PromptsDriver(StageDriver):
     """The shared worker's prompts stage, seen from outside: Kafka in and out, and its web port."""
 
-    def __init__(self, kafka: Kafka, worker: WorkerProcess, tokens: dict[str, str]) -> None:
-        self.kafka, self.worker, self.tokens = kafka, worker, tokens
+    stage = "prompts"
 
-    def consumed(self, topic: str) -> float:
-        """How many records of `topic` the prompts stage has read (its /metrics)."""
-        with urllib.request.urlopen(f"{self.worker.url}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        pattern = rf'^usher_records_consumed_total{{stage="prompts",topic="{re.escape(topic)}"}} (\S+)$'
-        found = re.search(pattern, text, re.MULTILINE)
-        return float(found.group(1)) if found else 0.0
+    def __init__(self, kafka: Kafka, worker: WorkerProcess, tokens: dict[str, str]) -> None:
+        super().__init__(kafka, worker)
+        self.tokens = tokens
 
     def publish(self, records: list[tuple[str, str, dict[str, Any] | None]]) -> None:
-        """Publish (topic, key, value) records and wait until the stage has read them all: a
-        checkout does not wait for configuration published after it, so a test must."""
-        if not records:
-            return
-        topics = {topic for topic, _, _ in records}
-        expected = {topic: self.consumed(topic) + sum(1 for t, _, _ in records if t == topic) for topic in topics}
-        for topic, key, value in records:
-            self.kafka.send(topic, key, value)
-        deadline = time.monotonic() + 30
-        while any(self.consumed(topic) < count for topic, count in expected.items()):
-            assert time.monotonic() < deadline, f"the prompts stage did not read {sorted(topics)} in time"
-            time.sleep(0.1)
+        # A checkout does not wait for configuration published after it, so a test must.
+        if records:
+            self.publish_and_wait(records)
 
     def configure(self, tenant: str, *configs: tuple[str, dict[str, Any]], events: dict[str, str | None] | None = None) -> None:
         """Config records (kind, data) and events (id -> opt-in set). Opt-in sets go last, once the

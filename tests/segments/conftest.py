@@ -2,15 +2,13 @@
 and its back office would and reads back what the stage published."""
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from harness import Kafka, WorkerProcess, event, unique
+from harness import Kafka, StageDriver, WorkerProcess, event, unique
 
 from workers import envelope, schemas
 
@@ -22,32 +20,10 @@ FIELDS = {
 }
 
 
-class SegmentsDriver:
+class SegmentsDriver(StageDriver):
     """The segments stage of the shared worker, seen from outside: Kafka in and out, and its web port."""
 
-    def __init__(self, kafka: Kafka, worker: WorkerProcess) -> None:
-        self.kafka = kafka
-        self.worker = worker
-
-    def consumed(self, topic: str) -> float:
-        """How many records of `topic` the worker's segments stage has read (its /metrics)."""
-        with urllib.request.urlopen(f"{self.worker.url}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        pattern = rf'^usher_records_consumed_total{{stage="segments",topic="{re.escape(topic)}"}} (\S+)$'
-        found = re.search(pattern, text, re.MULTILINE)
-        return float(found.group(1)) if found else 0.0
-
-    def publish_reference(self, records: list[tuple[str, str, dict[str, Any]]]) -> None:
-        """Publish (topic, key, value) records the stage reads whole into memory, and wait until it
-        has read them: its agents do not wait for later reference records, so a test must."""
-        topics = {topic for topic, _, _ in records}
-        expected = {topic: self.consumed(topic) + sum(1 for t, _, _ in records if t == topic) for topic in topics}
-        for topic, key, value in records:
-            self.kafka.send(topic, key, value)
-        deadline = time.monotonic() + 30
-        while any(self.consumed(topic) < count for topic, count in expected.items()):
-            assert time.monotonic() < deadline, "the segments stage did not read its reference records in time"
-            time.sleep(0.1)
+    stage = "segments"
 
     def configure(self, tenant: str, *, fields: dict[str, dict[str, Any]] = FIELDS, optin_set: list[str] | None = None,
                   filters: dict[str, list[str]] | None = None) -> None:
@@ -64,14 +40,14 @@ class SegmentsDriver:
         for filter_id, items in (filters or {}).items():
             data = {"id": filter_id, "name": filter_id.title(), "applies_to": "buyer", "items": [{"id": i, "name": i} for i in items]}
             records.append((envelope.CONFIG, f"{tenant}/filter/{filter_id}", event("config.filter", tenant, data)))
-        self.publish_reference(records)
+        self.publish_and_wait(records)
 
     def schedule_event(self, tenant: str, event_id: str, *, starts_in: timedelta = timedelta(days=30)) -> None:
         starts = envelope.utcnow() + starts_in
         data = {"event": event_id, "name": "Hamlet", "starts_at": envelope.isotime(starts),
                 "ends_at": envelope.isotime(starts + timedelta(hours=3)), "timezone": "Europe/Brussels",
                 "optin_set": None, "products": [{"id": "parking", "name": "Parking"}]}
-        self.publish_reference([(envelope.EVENTS, f"{tenant}/{event_id}", event("event.scheduled", tenant, data))])
+        self.publish_and_wait([(envelope.EVENTS, f"{tenant}/{event_id}", event("event.scheduled", tenant, data))])
 
     def define_message(self, tenant: str, message: str, event_id: str, *, audience: dict[str, Any] | None = None,
                        consent: dict[str, Any] | None = None, when: str = "before_start", send_in: str = "customer") -> dict[str, Any]:
@@ -80,7 +56,7 @@ class SegmentsDriver:
                 "consent": consent or {"mode": "ignore"}, "language": {"only": None, "send_in": send_in},
                 "send": {"when": when, "hours": 24}}
         defined = event("message.defined", tenant, data)
-        self.publish_reference([(envelope.MESSAGES, f"{tenant}/{message}", defined)])
+        self.publish_and_wait([(envelope.MESSAGES, f"{tenant}/{message}", defined)])
         return defined
 
     def order(self, tenant: str, contact: str, *, event_id: str = "ev-1", products: list[str] | None = None,

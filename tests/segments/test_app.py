@@ -217,7 +217,7 @@ def test_a_message_sent_now_is_requested_once_per_member(segments: SegmentsDrive
     segments.order(tenant, late, event_id=event_id)
     eventually(lambda: requests_of(late))
     # The definition replayed, then updated: judged again (the language changes), sent no more.
-    segments.publish_reference([(envelope.MESSAGES, f"{tenant}/{message}", defined)])
+    segments.publish_and_wait([(envelope.MESSAGES, f"{tenant}/{message}", defined)])
     segments.define_message(tenant, message, event_id, when="now", send_in="en")
     segments.membership(tenant, message, first, lambda m: m["language"] == "en")
     assert len(requests_of(first)) == 1 and len(requests_of(late)) == 1
