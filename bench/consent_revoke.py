@@ -17,19 +17,16 @@ when its wait runs out, whether data came or not, so with the client default
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.partitioner import murmur2
 
+from bench.common import run_alone, stage_worker, wait_ready
 from workers import envelope
-from workers.broker import free_port
+from workers.edge import partition_of
 from workers.shop import Shop
 
 TENANT = "bench-revoke"
@@ -63,142 +60,106 @@ def warm_up_contacts(partitions: int) -> list[str]:
     number = 0
     while len(found) < partitions:
         contact = f"w-{number}"
-        found.setdefault((murmur2(envelope.key(TENANT, contact).encode()) & 0x7FFFFFFF) % partitions, contact)
+        found.setdefault(partition_of(envelope.key(TENANT, contact).encode(), partitions), contact)
         number += 1
     return sorted(found.values())
-
-
-async def wait_ready(port: int, timeout: float = 90) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        await asyncio.sleep(0.3)
-    raise RuntimeError("consent worker not ready")
 
 
 async def measure(bootstrap: str, workdir: Path) -> dict[str, Any]:
     shop = Shop(tenant=TENANT, contacts=5_000)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1)
     await producer.start()
-    port = free_port()
-    env = {**os.environ, "USHER_BROKER": f"kafka://{bootstrap}", "USHER_STORE": "memory://", "USHER_DATA_DIR": str(workdir / "data-revoke"),
-           "USHER_SESSION_TIMEOUT_S": "6", "USHER_REBALANCE_TIMEOUT_S": "6", "USHER_PARTITIONS": os.environ.get("USHER_PARTITIONS", "6")}
-    log = (workdir / "consent-revoke.log").open("wb")
-    worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "consent", "--web-port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     watcher = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=WATCH_FETCH_WAIT_MS)
-    try:
-        # Positioned at the end before anything is sent, so no status the worker publishes is missed.
-        await watcher.start()
-        await watcher.topics()
-        watched = [TopicPartition(envelope.CONSENT_STATE, p) for p in sorted(watcher.partitions_for_topic(envelope.CONSENT_STATE) or ())]
-        watcher.assign(watched)
-        await watcher.seek_to_end(*watched)
-        for tp in watched:
-            await watcher.position(tp)
-
-        settings = {"double_opt_in": False, "default_language": "en"}
-        await producer.send_and_wait(envelope.CONFIG, key=f"{TENANT}/settings/default".encode(),
-                                     value=envelope.dumps(envelope.make_event("config.settings", TENANT, settings, source="/bench")))
-        opting_in = {f"r-{number}" for number in range(REVOCATIONS)}
-        for number in range(REVOCATIONS):
-            out = opted_in_order(shop, number)
-            await producer.send(out.topic, key=out.key.encode(), value=out.value_bytes())
-        warming = set(warm_up_contacts(len(await producer.partitions_for(envelope.COMMANDS))))
-        for contact in sorted(warming):
-            out = revoke(contact)
-            await producer.send(out.topic, key=out.key.encode(), value=out.value_bytes())
-        await producer.flush()
-        await wait_ready(port)
-
-        sent_at: dict[str, float] = {}
-        latencies: list[float] = []
-        caught_up = asyncio.Event()
-
-        async def watch() -> None:
-            async for record in watcher:
-                event = envelope.loads(record.value) if record.value else None
-                if not event or event["tenant"] != TENANT:
-                    continue
-                contact = event["data"]["contact"]
-                status = event["data"]["optins"].get("newsletter", {}).get("status")
-                if status == "opted_in":
-                    opting_in.discard(contact)
-                elif status == "opted_out":
-                    warming.discard(contact)
-                    if contact in sent_at:
-                        latencies.append((time.perf_counter() - sent_at.pop(contact)) * 1000)
-                if not opting_in and not warming:
-                    caught_up.set()
-
-        async def background() -> None:
-            while True:
-                started = time.perf_counter()
-                for _ in range(BACKGROUND_PER_S // 20):
-                    order = shop.order()
-                    await producer.send(order.topic, key=order.key.encode(), value=order.value_bytes())
-                await asyncio.sleep(max(0.0, 0.05 - (time.perf_counter() - started)))
-
-        tasks = [asyncio.create_task(watch())]
+    with stage_worker("consent", bootstrap, workdir, "consent-revoke") as (worker, port):
         try:
-            started = time.perf_counter()
-            await asyncio.wait_for(caught_up.wait(), CATCH_UP_S)
-        except asyncio.TimeoutError:
+            # Positioned at the end before anything is sent, so no status the worker publishes is missed.
+            await watcher.start()
+            await watcher.topics()
+            watched = [TopicPartition(envelope.CONSENT_STATE, p) for p in sorted(watcher.partitions_for_topic(envelope.CONSENT_STATE) or ())]
+            watcher.assign(watched)
+            await watcher.seek_to_end(*watched)
+            for tp in watched:
+                await watcher.position(tp)
+
+            settings = {"double_opt_in": False, "default_language": "en"}
+            await producer.send_and_wait(envelope.CONFIG, key=f"{TENANT}/settings/default".encode(),
+                                         value=envelope.dumps(envelope.make_event("config.settings", TENANT, settings, source="/bench")))
+            opting_in = {f"r-{number}" for number in range(REVOCATIONS)}
+            for number in range(REVOCATIONS):
+                out = opted_in_order(shop, number)
+                await producer.send(out.topic, key=out.key.encode(), value=out.value_bytes())
+            warming = set(warm_up_contacts(len(await producer.partitions_for(envelope.COMMANDS))))
+            for contact in sorted(warming):
+                out = revoke(contact)
+                await producer.send(out.topic, key=out.key.encode(), value=out.value_bytes())
+            await producer.flush()
+            await wait_ready(port, worker)
+
+            sent_at: dict[str, float] = {}
+            latencies: list[float] = []
+            caught_up = asyncio.Event()
+
+            async def watch() -> None:
+                async for record in watcher:
+                    event = envelope.loads(record.value) if record.value else None
+                    if not event or event["tenant"] != TENANT:
+                        continue
+                    contact = event["data"]["contact"]
+                    status = event["data"]["optins"].get("newsletter", {}).get("status")
+                    if status == "opted_in":
+                        opting_in.discard(contact)
+                    elif status == "opted_out":
+                        warming.discard(contact)
+                        if contact in sent_at:
+                            latencies.append((time.perf_counter() - sent_at.pop(contact)) * 1000)
+                    if not opting_in and not warming:
+                        caught_up.set()
+
+            async def background() -> None:
+                while True:
+                    started = time.perf_counter()
+                    for _ in range(BACKGROUND_PER_S // 20):
+                        order = shop.order()
+                        await producer.send(order.topic, key=order.key.encode(), value=order.value_bytes())
+                    await asyncio.sleep(max(0.0, 0.05 - (time.perf_counter() - started)))
+
+            tasks = [asyncio.create_task(watch())]
+            try:
+                started = time.perf_counter()
+                await asyncio.wait_for(caught_up.wait(), CATCH_UP_S)
+            except asyncio.TimeoutError:
+                for task in tasks:
+                    task.cancel()
+                return {"revoke_to_state_p99_ms": None,
+                        "note": f"worker not caught up after {CATCH_UP_S} s: {len(opting_in)} opt-ins and {len(warming)} warm-up revocations unseen"}
+            catch_up_s = time.perf_counter() - started
+            tasks.append(asyncio.create_task(background()))
+            await asyncio.sleep(SETTLE_S)
+            for number in range(REVOCATIONS):
+                out = revoke(f"r-{number}")
+                sent_at[f"r-{number}"] = time.perf_counter()
+                await producer.send(out.topic, key=out.key.encode(), value=out.value_bytes())
+                await asyncio.sleep(0.02)
+            deadline = time.monotonic() + 30
+            while sent_at and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
             for task in tasks:
                 task.cancel()
-            return {"revoke_to_state_p99_ms": None,
-                    "note": f"worker not caught up after {CATCH_UP_S} s: {len(opting_in)} opt-ins and {len(warming)} warm-up revocations unseen"}
-        catch_up_s = time.perf_counter() - started
-        tasks.append(asyncio.create_task(background()))
-        await asyncio.sleep(SETTLE_S)
-        for number in range(REVOCATIONS):
-            out = revoke(f"r-{number}")
-            sent_at[f"r-{number}"] = time.perf_counter()
-            await producer.send(out.topic, key=out.key.encode(), value=out.value_bytes())
-            await asyncio.sleep(0.02)
-        deadline = time.monotonic() + 30
-        while sent_at and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        for task in tasks:
-            task.cancel()
-        if len(latencies) < REVOCATIONS // 2:
-            return {"revoke_to_state_p99_ms": None, "note": f"only {len(latencies)} of {REVOCATIONS} revocations seen"}
-        latencies.sort()
-        return {
-            "revoke_to_state_p99_ms": round(latencies[int(len(latencies) * 0.99) - 1], 1),
-            "revoke_to_state_p50_ms": round(statistics.median(latencies), 1),
-            "revocations": len(latencies),
-            "background_orders_per_s": BACKGROUND_PER_S,
-            "missing": len(sent_at),
-            "revoke_catch_up_s": round(catch_up_s, 1),
-        }
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        await watcher.stop()
-        await producer.stop()
+            if len(latencies) < REVOCATIONS // 2:
+                return {"revoke_to_state_p99_ms": None, "note": f"only {len(latencies)} of {REVOCATIONS} revocations seen"}
+            latencies.sort()
+            return {
+                "revoke_to_state_p99_ms": round(latencies[int(len(latencies) * 0.99) - 1], 1),
+                "revoke_to_state_p50_ms": round(statistics.median(latencies), 1),
+                "revocations": len(latencies),
+                "background_orders_per_s": BACKGROUND_PER_S,
+                "missing": len(sent_at),
+                "revoke_catch_up_s": round(catch_up_s, 1),
+            }
+        finally:
+            await watcher.stop()
+            await producer.stop()
 
 
 if __name__ == "__main__":
-    import json
-    import tempfile
-
-    from workers.broker import start_broker, stop_broker
-    from workers.topics import create_topics_sync
-
-    broker_port = free_port()
-    broker = start_broker(broker_port)
-    try:
-        create_topics_sync(f"127.0.0.1:{broker_port}", int(os.environ.get("USHER_PARTITIONS", "6")))
-        print(json.dumps(asyncio.run(measure(f"127.0.0.1:{broker_port}", Path(tempfile.mkdtemp(prefix="usher-revoke-")))), indent=2))
-    finally:
-        stop_broker(broker)
+    run_alone(measure)

@@ -8,12 +8,10 @@ latency counts from that moment, so a stalled worker cannot hide behind a waitin
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import re
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,8 @@ from typing import Any
 import aiohttp
 from aiokafka import AIOKafkaProducer
 
+from bench.common import run_alone, stage_worker
 from workers import envelope
-from workers.broker import free_port
 from workers.edge import produce_batches
 from workers.shop import LANGUAGES, Shop
 
@@ -123,33 +121,24 @@ async def drive(session: aiohttp.ClientSession, base: str, contacts: int) -> tup
 
 async def measure(bootstrap: str, workdir: Path, contacts: int = CONTACTS) -> dict[str, Any]:
     await seed(bootstrap, contacts)
-    port = free_port()
-    env = {**os.environ, "USHER_BROKER": f"kafka://{bootstrap}", "USHER_STORE": "memory://", "USHER_DATA_DIR": str(workdir / "data-prompts-http"),
-           "USHER_SESSION_TIMEOUT_S": "6", "USHER_REBALANCE_TIMEOUT_S": "6", "USHER_PARTITIONS": os.environ.get("USHER_PARTITIONS", "6"),
-           "USHER_API_TOKENS": f"{TENANT}={TOKEN}"}
-    log = (workdir / "prompts-http.log").open("wb")
-    worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "prompts", "--web-port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
+    with stage_worker("prompts", bootstrap, workdir, "prompts-http", {"USHER_API_TOKENS": f"{TENANT}={TOKEN}"}) as (worker, port):
+        base = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             await wait_caught_up(session, base, contacts, worker)
             started = time.perf_counter()
             latencies, failures = await drive(session, base, contacts)
             elapsed = time.perf_counter() - started
-        if not latencies:
-            return {"prompts_http_p99_ms": None, "note": f"no request answered; see {log.name}"}
-        latencies.sort()
-        return {
-            "prompts_http_p99_ms": round(latencies[max(0, int(len(latencies) * 0.99) - 1)], 2),
-            "prompts_http_p50_ms": round(statistics.median(latencies), 2),
-            "rps": round(len(latencies) / elapsed, 1),
-            "contacts": contacts,
-            "failed": failures,
-        }
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+    if not latencies:
+        return {"prompts_http_p99_ms": None, "note": f"no request answered; see {workdir}/prompts-http.log"}
+    latencies.sort()
+    return {
+        "prompts_http_p99_ms": round(latencies[max(0, int(len(latencies) * 0.99) - 1)], 2),
+        "prompts_http_p50_ms": round(statistics.median(latencies), 2),
+        "rps": round(len(latencies) / elapsed, 1),
+        "contacts": contacts,
+        "failed": failures,
+    }
+
+
+if __name__ == "__main__":
+    run_alone(measure)

@@ -12,8 +12,6 @@ import asyncio
 import gc
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,13 +22,13 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench import consent_revoke, messages_send, prompts_http
+from bench.common import PARTITIONS, stage_worker
 from workers import envelope
 from workers.edge import produce_batches
 from workers.broker import free_port, start_broker, stop_broker
 from workers.shop import Shop
 from workers.topics import create_topics
 
-PARTITIONS = 6
 RESULTS = Path(__file__).resolve().parent / "results.json"
 BASELINE_RECORDS = 100_000
 IDLE_S = 5.0
@@ -134,14 +132,7 @@ async def measure_stage(bootstrap: str, bench: StageBench, workdir: Path) -> dic
     probe = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await probe.start()
     before = await end_offset_total(probe, bench.output_topic)
-    port = free_port()
-    env = {**os.environ, "USHER_BROKER": f"kafka://{bootstrap}", "USHER_STORE": "memory://", "USHER_PARTITIONS": str(PARTITIONS),
-           "USHER_DATA_DIR": str(workdir / "data"), "USHER_OUTBOX_DIR": str(workdir / f"outbox-{bench.stage}"),
-           "USHER_SESSION_TIMEOUT_S": "6", "USHER_REBALANCE_TIMEOUT_S": "6"}
-    log = (workdir / f"{bench.stage}.log").open("wb")
-    worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", bench.stage, "--web-port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with stage_worker(bench.stage, bootstrap, workdir, bench.stage) as (worker, _):
         first_at = last_at = None
         produced = 0
         deadline = time.monotonic() + 300
@@ -157,16 +148,10 @@ async def measure_stage(bootstrap: str, bench: StageBench, workdir: Path) -> dic
                 break
             if worker.poll() is not None:
                 break
-        if not first_at or produced < 2 or last_at == first_at:
-            return {"per_s": 0.0, "outputs": produced, "note": f"no outputs; see {log.name}"}
-        return {"per_s": round(produced / (last_at - first_at), 1), "outputs": produced, "inputs": len(inputs)}
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        await probe.stop()
+    await probe.stop()
+    if not first_at or produced < 2 or last_at == first_at:
+        return {"per_s": 0.0, "outputs": produced, "note": f"no outputs; see {workdir / bench.stage}.log"}
+    return {"per_s": round(produced / (last_at - first_at), 1), "outputs": produced, "inputs": len(inputs)}
 
 
 async def main() -> dict[str, Any]:

@@ -1,0 +1,75 @@
+"""What every benchmark does: start one stage's worker as production does, stop it, or run one
+benchmark on its own broker (`python -m bench.<name>`)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from workers.broker import free_port, start_broker, stop_broker
+from workers.topics import create_topics
+
+PARTITIONS = int(os.environ.get("USHER_PARTITIONS", "6"))
+
+
+@contextmanager
+def stage_worker(stage: str, bootstrap: str, workdir: Path, name: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
+    """`usher worker STAGE` on the bench broker (memory tables unless `env` says otherwise), its
+    output in `workdir/NAME.log`; yields (process, web port) and stops it afterwards."""
+    port = free_port()
+    full_env = {**os.environ, "USHER_BROKER": f"kafka://{bootstrap}", "USHER_STORE": "memory://", "USHER_PARTITIONS": str(PARTITIONS),
+                "USHER_DATA_DIR": str(workdir / f"data-{name}"), "USHER_OUTBOX_DIR": str(workdir / f"outbox-{name}"),
+                "USHER_SESSION_TIMEOUT_S": "6", "USHER_REBALANCE_TIMEOUT_S": "6", **(env or {})}
+    with (workdir / f"{name}.log").open("wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", stage, "--web-port", str(port)],
+                                  env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield worker, port
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
+
+async def wait_ready(port: int, worker: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the worker's /readyz answers 200 (tables recovered, reference feeds read)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline and worker.poll() is None:
+        try:
+            ready = await asyncio.to_thread(_ready, port)
+        except OSError:
+            ready = False
+        if ready:
+            return
+        await asyncio.sleep(0.3)
+    raise RuntimeError(f"worker on port {port} not ready (exit code {worker.poll()})")
+
+
+def _ready(port: int) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+        return response.status == 200
+
+
+def run_alone(measure: Callable[[str, Path], Awaitable[dict[str, Any]]]) -> None:
+    """Run one benchmark on a fresh embedded broker of its own and print its figures."""
+    async def main() -> dict[str, Any]:
+        port = free_port()
+        broker = start_broker(port)
+        try:
+            await create_topics(f"127.0.0.1:{port}", PARTITIONS)
+            return await measure(f"127.0.0.1:{port}", Path(tempfile.mkdtemp(prefix="usher-bench-")))
+        finally:
+            stop_broker(broker)
+
+    print(json.dumps(asyncio.run(main()), indent=2))
