@@ -72,6 +72,9 @@ def build_app(stages: tuple[str, ...], settings: Settings) -> faust.App:
         broker_commit_every=1000,
         broker_commit_interval=1.0,
         producer_linger_ms=2,
+        # The edge produces a batch per partition (workers/edge.py): 16 KB batches made it a future
+        # and a request part every dozen records.
+        producer_max_batch_size=512 * 1024,
         producer_acks=-1,
         stream_buffer_maxsize=max(4096, settings.batch_size * 2),
         logging_config=None,
