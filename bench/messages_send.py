@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
+from bench.common import run_alone, stage_worker, wait_ready
 from tests.messages.sendgrid_standin import API_KEY, SendGridStandIn
 from workers import envelope
-from workers.broker import free_port
 
 TENANT = "bench-send"
 MESSAGE = "msg-bench-send"
@@ -89,33 +86,13 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def wait_ready(port: int, worker: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and worker.poll() is None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError("messages worker not ready")
-
-
 async def measure(bootstrap: str, workdir: Path) -> dict[str, Any]:
     await load(bootstrap, RECIPIENTS)
     with CountingStandIn() as standin:
-        port = free_port()
-        env = {**os.environ, "USHER_BROKER": f"kafka://{bootstrap}", "USHER_STORE": "rocksdb://",
-               "USHER_DATA_DIR": str(workdir / "data-send"), "USHER_EMAIL_PROVIDER": "sendgrid",
-               "USHER_SENDGRID_API_KEY": API_KEY, "USHER_SENDGRID_HOST": standin.host, "USHER_EMAIL_RATE_PER_S": "0",
-               "USHER_SESSION_TIMEOUT_S": "6", "USHER_REBALANCE_TIMEOUT_S": "6",
-               "USHER_PARTITIONS": os.environ.get("USHER_PARTITIONS", "6")}
-        log = (workdir / "messages-send.log").open("wb")
-        worker = subprocess.Popen([sys.executable, "-m", "workers.cli", "worker", "messages", "--web-port", str(port)],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            await asyncio.to_thread(wait_ready, port, worker)
+        env = {"USHER_STORE": "rocksdb://", "USHER_EMAIL_PROVIDER": "sendgrid", "USHER_SENDGRID_API_KEY": API_KEY,
+               "USHER_SENDGRID_HOST": standin.host, "USHER_EMAIL_RATE_PER_S": "0"}
+        with stage_worker("messages", bootstrap, workdir, "messages-send", env) as (worker, port):
+            await wait_ready(port, worker)
             deadline, last_count, last_change = time.monotonic() + DEADLINE_S, 0, time.monotonic()
             while standin.received < RECIPIENTS and time.monotonic() < deadline and worker.poll() is None:
                 await asyncio.sleep(0.5)
@@ -124,15 +101,9 @@ async def measure(bootstrap: str, workdir: Path) -> dict[str, Any]:
                 elif time.monotonic() - last_change > IDLE_S:
                     break
             peak = peak_rss_mb(worker.pid)
-        finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
     arrivals = standin.arrivals
     if len(arrivals) < 2:
-        return {"send_per_s": 0.0, "send_peak_rss_mb": round(peak, 1), "note": f"SendGrid received {standin.received}; see {log.name}"}
+        return {"send_per_s": 0.0, "send_peak_rss_mb": round(peak, 1), "note": f"SendGrid received {standin.received}; see {workdir}/messages-send.log"}
     # The first request's mails were rendered before the clock starts: count the ones after it.
     elapsed = arrivals[-1][0] - arrivals[0][0]
     return {
@@ -144,16 +115,4 @@ async def measure(bootstrap: str, workdir: Path) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    import json
-    import tempfile
-
-    from workers.broker import start_broker, stop_broker
-    from workers.topics import create_topics_sync
-
-    broker_port = free_port()
-    broker = start_broker(broker_port)
-    try:
-        create_topics_sync(f"127.0.0.1:{broker_port}", int(os.environ.get("USHER_PARTITIONS", "6")))
-        print(json.dumps(asyncio.run(measure(f"127.0.0.1:{broker_port}", Path(tempfile.mkdtemp(prefix="usher-send-")))), indent=2))
-    finally:
-        stop_broker(broker)
+    run_alone(measure)

@@ -1,14 +1,12 @@
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Kafka, WorkerProcess, event, http
+from harness import Kafka, StageDriver, WorkerProcess, event, http
 
 from workers import envelope
 from workers.broker import free_port, start_broker, stop_broker
@@ -23,41 +21,24 @@ def renderer() -> LayoutRenderer:
     return LayoutRenderer()
 
 
-class MessagesDriver:
+class MessagesDriver(StageDriver):
     """A worker running the messages stage, seen from outside: Kafka in and out, its web port, its outbox."""
 
+    stage = "messages"
+
     def __init__(self, kafka: Kafka, worker: WorkerProcess, tokens: dict[str, str]) -> None:
-        self.kafka, self.worker, self.tokens = kafka, worker, tokens
+        super().__init__(kafka, worker)
+        self.tokens = tokens
 
     @property
     def outbox(self) -> Path:
         return self.worker.workdir / "outbox"
 
-    def consumed(self, topic: str) -> float:
-        """How many records of `topic` the worker's messages stage has read (its /metrics)."""
-        with urllib.request.urlopen(f"{self.worker.url}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        pattern = rf'^usher_records_consumed_total{{stage="messages",topic="{re.escape(topic)}"}} (\S+)$'
-        found = re.search(pattern, text, re.MULTILINE)
-        return float(found.group(1)) if found else 0.0
-
-    def publish_reference(self, records: list[tuple[str, str, dict[str, Any] | None]]) -> None:
-        """Publish (topic, key, value) records the stage reads whole into memory, and wait until it
-        has read them: its agents do not wait for later reference records, so a test must."""
-        topics = {topic for topic, _, _ in records}
-        expected = {topic: self.consumed(topic) + sum(1 for t, _, _ in records if t == topic) for topic in topics}
-        for topic, key, value in records:
-            self.kafka.send(topic, key, value)
-        deadline = time.monotonic() + 30
-        while any(self.consumed(topic) < count for topic, count in expected.items()):
-            assert time.monotonic() < deadline, f"the messages stage did not read {sorted(topics)} in time"
-            time.sleep(0.1)
-
     def configure(self, tenant: str, settings: dict[str, Any] = SETTINGS, *,
                   optins: dict[str, dict[str, Any]] | None = None) -> None:
         records = [(envelope.CONFIG, f"{tenant}/settings/default", event("config.settings", tenant, settings))]
         records += [(envelope.CONFIG, f"{tenant}/optin/{o}", event("config.optin", tenant, data)) for o, data in (optins or {}).items()]
-        self.publish_reference(records)
+        self.publish_and_wait(records)
 
     def request(self, tenant: str, **fields: Any) -> dict[str, Any]:
         """Publish a `message.requested` (see helpers.message_requested) and return it."""

@@ -83,7 +83,7 @@ def test_a_broken_tenant_layout_fails_its_request_and_a_bad_one_is_rejected(mess
     renders_badly = {"id": "fragile", "channel": "email",
                      "languages": {"en": {"subject": "{{ event.name }}", "html": "{{ 1 / event.venue|length }}", "text": "x"}}}
     broken = {"id": "promo", "channel": "email", "languages": {"en": {"subject": "{{ oops", "html": "x", "text": "x"}}}
-    messages.publish_reference([
+    messages.publish_and_wait([
         (envelope.CONFIG, f"{tenant}/layout/{layout['id']}", event("config.layout", tenant, layout)) for layout in (works, renders_badly, broken)])
 
     fine = messages.request(tenant, request=unique("r"), layout="promo", custom_text="See you")
@@ -143,7 +143,7 @@ def test_a_preview_fills_a_layout_with_sample_or_given_data(messages: MessagesDr
     event_id, layout_id = unique("ev"), unique("layout")
     own = {"id": layout_id, "channel": "sms", "languages": {"nl": {"text": "{{ event.name }} voor {{ contact.first_name }}: #CUSTOMTEXT#"},
                                                              "en": {"text": "{{ event.name }} for {{ contact.first_name }}: #CUSTOMTEXT#"}}}
-    messages.publish_reference([
+    messages.publish_and_wait([
         (envelope.EVENTS, f"{tenant}/{event_id}", event("event.scheduled", tenant, EVENT | {"event": event_id, "name": "Macbeth"})),
         (envelope.CONFIG, f"{tenant}/layout/{layout_id}", event("config.layout", tenant, own)),
     ])
@@ -173,7 +173,7 @@ def test_a_test_send_sends_the_message_once_to_the_given_address_marked_as_a_tes
     definition = {"message": message, "event": event_id, "channel": "sms", "layout": "event-message", "custom_text": "Doors at 19:00",
                   "audience": {"type": "all"}, "consent": {"mode": "ignore"}, "language": {"only": None, "send_in": "nl"},
                   "send": {"when": "now"}}
-    messages.publish_reference([
+    messages.publish_and_wait([
         (envelope.EVENTS, f"{tenant}/{event_id}", event("event.scheduled", tenant, EVENT | {"event": event_id, "name": "Othello"})),
         (envelope.MESSAGES, f"{tenant}/{message}", event("message.defined", tenant, definition)),
     ])

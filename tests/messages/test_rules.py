@@ -77,7 +77,7 @@ def test_a_marketing_message_gets_a_signed_one_click_unsubscribe_link(renderer: 
 
 
 def test_unsubscribe_links_are_the_consent_stages_own_tokens_whatever_the_moment(renderer: LayoutRenderer) -> None:
-    # The sender signs with a serializer kept per moment: every token must be make_unsubscribe_token's.
+    # Every link carries the token the consent stage reads, whatever the moment or the secret.
     for minutes, request_id, secret in ((0, "req-1", LINKS.secret), (0, "req-2", LINKS.secret), (5, "req-1", LINKS.secret),
                                          (5, "req-1", "other-secret"), (0, "req-1", LINKS.secret)):
         now = NOW + timedelta(minutes=minutes)

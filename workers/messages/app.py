@@ -51,11 +51,11 @@ from faust.stores.base import SerializedStore
 from faust.utils import json as faust_json
 from faust.types import TP
 from faust.web import Request, Response, View
-from yarl import URL
 
 from workers import envelope, schemas, web
 from workers.consent.rules import Links
 from workers.edge import Accepted, produce
+from workers.owners import Owners
 from workers.messages import rules, webhooks
 from workers.messages.providers import (
     EmailProvider,
@@ -85,7 +85,6 @@ CALLBACK_PROVIDERS = frozenset({"sendgrid", "end-user-messaging", "sns"})
 RECIPIENT_FIELDS = ("request", "message", "contact", "channel", "kind", "orders")
 # Callbacks kept per correlation group while its provider call's record has not come.
 MAX_WAITING = 100
-FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=10)
 FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10)
 ROW_SEPARATOR = "/#"
 # RocksDB's defaults (per partition of every table: up to three 64 MB write buffers and a
@@ -620,37 +619,6 @@ def row_key(summary_key: str, number: int) -> str:
     return f"{summary_key}{ROW_SEPARATOR}{number}"
 
 
-class Owners:
-    """Which worker answers for a key: the one active for its partition of `topic`."""
-
-    def __init__(self, app: faust.App, ready: list[asyncio.Event]) -> None:
-        self.app, self.ready = app, ready
-        self.here = str(app.conf.canonical_url)
-
-    def settled(self) -> bool:
-        recovery = self.app.tables.recovery
-        return all(event.is_set() for event in self.ready) and recovery.completed.is_set() and not recovery.in_recovery
-
-    def owner(self, topic: str, key: str) -> str | None:
-        # Not faust's router: it hashes table keys as JSON, not as the records' keys are partitioned.
-        partition = self.app.consumer.key_partition(topic, key.encode())
-        if partition is None:
-            return None
-        distribution = self.app.router.external_topics_metadata()
-        return next((url for url, topics in distribution.items() if partition in topics.get(topic, ())), None)
-
-    async def answer(self, view: View, request: Request, topic: str, key: str, answer: Callable[[], Response]) -> Response:
-        """`answer()` here when this worker owns the key, else the owner's answer."""
-        owner = self.owner(topic, key)
-        if owner == self.here and self.settled():
-            return answer()
-        if owner is None or owner == self.here:
-            return web.error(view, 503, "rebalancing", "The records are moving between workers; try again shortly.")
-        headers = {name: value for name, value in request.headers.items() if name.lower() != "host"}
-        async with self.app.http_client.get(URL(owner).join(request.rel_url), headers=headers, timeout=FORWARD_TIMEOUT) as response:
-            return view.bytes(await response.read(), content_type=response.content_type, status=response.status)
-
-
 def _csv(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
@@ -717,17 +685,13 @@ def request_for_test_send(tenant: str, definition: dict[str, Any], tenant_config
 # Objects allocated between two young collections, at least. A batch of a thousand mails makes
 # many thousands, and with Python's 700 most of them outlive a collection or two (they live for
 # the batch), pile up as old objects and set off a full collection every few batches.
-GC_THRESHOLD = 20_000
 FULL_COLLECTION_EVERY_S = 2.0
 
 
 def tune_gc(app: faust.App) -> None:
-    """Fewer, cheaper collections: young objects are collected every `GC_THRESHOLD` allocations
-    or more (`usher worker` may have set more already), and what exists once the worker has
-    started (modules, the app) is frozen out of them. Measured on the send bench: collections
-    took 8% of the worker's time, 2-3% after."""
-    threshold, *older = gc.get_threshold()
-    gc.set_threshold(max(threshold, GC_THRESHOLD), *older)
+    """What exists once the worker has started (modules, the app) is frozen out of collections,
+    and a full collection runs on a clock (`usher worker` makes young ones rare). Measured on the
+    send bench: collections took 8% of the worker's time, 2-3% after."""
 
     @app.task
     async def freeze_startup_objects() -> None:
@@ -736,9 +700,9 @@ def tune_gc(app: faust.App) -> None:
 
     @app.timer(FULL_COLLECTION_EVERY_S)
     async def collect_batches() -> None:
-        # With young collections this rare, a batch's records (faust events hold cycles) are
-        # often promoted before they die, and only a full collection frees them. Run one on a
-        # clock: with the startup objects frozen it walks only what the batches left, a few ms.
+        # With young collections rare, a batch's records (faust events hold cycles) are often
+        # promoted before they die, and only a full collection frees them. With the startup
+        # objects frozen it walks only what the batches left, a few ms.
         gc.collect()
 
 
@@ -752,9 +716,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
                                 sendgrid_host=settings.sendgrid_host, rate_per_s=settings.email_rate_per_s)
     sms = make_sms_provider(settings.sms_provider, outbox_dir=settings.outbox_dir, aws_region=settings.aws_region,
                             rate_per_s=settings.sms_rate_per_s)
-    seen = getattr(ctx.edge, "seen", None)
-    if isinstance(getattr(seen, "table", None), faust.Table):
-        share_stage_rocksdb(seen.table)
+    share_stage_rocksdb(ctx.edge.seen.table)
     ledger = batched_table(app, f"{ctx.name}-ledger")
     sender = Sender(ctx, reference, renderer, ledger, email, sms)
     ctx.edge.subscribe("outbox", [envelope.OUTBOX, BY_CONTACT], on_batch=sender.handle)

@@ -18,19 +18,15 @@ can tell a message's own mails from tests and count the orders mailed.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from itertools import islice
 from typing import Any
 
-from itsdangerous import Signer, URLSafeTimedSerializer
-
-from workers.consent import tokens
 from workers.consent.rules import Links, unsubscribe_commands
-from workers.consent.tokens import UNSUBSCRIBE_PATH, UnsubscribeClaims, link
-from workers.envelope import DELIVERIES, Out, derived_id, isotime, key, make_event, parse_time
+from workers.consent.tokens import UNSUBSCRIBE_PATH, UnsubscribeClaims, link, make_unsubscribe_token
+from workers.envelope import DELIVERIES, Out, derived_id, isotime, key, make_event, parse_time, stable_id
 from workers.messages.providers import EmailSend, ProviderResult, SmsSend, e164
 from workers.messages.render import (
     SAMPLE_CONTACT,
@@ -188,19 +184,8 @@ def plan_send(
 def unsubscribe_url(request: Mapping[str, Any], settings: Mapping[str, Any], links: Links, now: datetime) -> str:
     """The one-click unsubscribe link of a marketing message, for the consent stage's page."""
     data = request["data"]
-    serializer, signer = _unsubscribe_signing(links.secret, now)
-    # `tokens.make_unsubscribe_token(claims, links.secret, now)`, without making its serializer
-    # and signer again for every recipient (they cost more than the signature itself).
-    payload = serializer.dump_payload([request["tenant"], data["contact"], data["channel"], data["request"]])
-    token = signer.sign(payload).decode("utf-8")
-    return link(settings.get("public_url") or links.base_url, UNSUBSCRIBE_PATH, token)
-
-
-@lru_cache(maxsize=8)
-def _unsubscribe_signing(secret: str, now: datetime) -> tuple[URLSafeTimedSerializer, Signer]:
-    """The serializer and signer of unsubscribe tokens signed at `now` (a sender's batch shares one `now`)."""
-    serializer = tokens._serializer(secret, tokens._UNSUBSCRIBE_SALT, now)
-    return serializer, serializer.make_signer()
+    claims = UnsubscribeClaims(request["tenant"], data["contact"], data["channel"], data["request"])
+    return link(settings.get("public_url") or links.base_url, UNSUBSCRIBE_PATH, make_unsubscribe_token(claims, links.secret, now))
 
 
 def _personal_values(profile: Mapping[str, Any], request_vars: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -284,7 +269,7 @@ def request_status_id(tenant: str, request: str, status: str) -> str:
     """The CloudEvent id of a request's own status: the same for every copy of the
     request, so a status given again (a request published twice, a batch
     redelivered after a crash) is the same record, which readers drop as a repeat."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"usher:delivery.status:{tenant}/{request}/{status}"))
+    return stable_id(f"usher:delivery.status:{tenant}/{request}/{status}")
 
 
 def failed_status(request: Mapping[str, Any], error: str, now: datetime) -> Out:
