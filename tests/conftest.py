@@ -10,10 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import API_TOKEN_SECRET, Kafka, WorkerProcess, unique  # noqa: E402
+from harness import API_TOKEN_SECRET, Kafka, WorkerProcess, embedded_broker, unique  # noqa: E402
 
-from workers.broker import free_port, start_broker, stop_broker  # noqa: E402
-from workers.topics import create_topics_sync  # noqa: E402
+from workers.broker import free_port  # noqa: E402
 
 TEST_PARTITIONS = 4
 
@@ -21,13 +20,8 @@ TEST_PARTITIONS = 4
 @pytest.fixture(scope="session")
 def broker() -> Iterator[str]:
     """A fresh embedded broker on a free port with every topic created; stopped at the end."""
-    port = free_port()
-    process = start_broker(port)
-    try:
-        create_topics_sync(f"127.0.0.1:{port}", TEST_PARTITIONS)
-        yield f"kafka://127.0.0.1:{port}"
-    finally:
-        stop_broker(process)
+    with embedded_broker(TEST_PARTITIONS) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -10,15 +10,31 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from workers import envelope
+from workers.broker import free_port, start_broker, stop_broker
+from workers.topics import create_topics_sync
 
 API_TOKEN_SECRET = "test-token"
+
+
+@contextmanager
+def embedded_broker(partitions: int) -> Iterator[str]:
+    """A fresh embedded broker on a free port with every topic created, as a `kafka://` URL;
+    stopped afterwards, also when the test failed."""
+    port = free_port()
+    process = start_broker(port)
+    try:
+        create_topics_sync(f"127.0.0.1:{port}", partitions)
+        yield f"kafka://127.0.0.1:{port}"
+    finally:
+        stop_broker(process)
 
 
 def unique(prefix: str) -> str:

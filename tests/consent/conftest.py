@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Kafka, StageDriver, WorkerProcess, event, unique
+from harness import Kafka, StageDriver, WorkerProcess, embedded_broker, event, unique
 
 from workers import envelope
-from workers.broker import free_port, start_broker, stop_broker
-from workers.topics import create_topics_sync
+from workers.broker import free_port
 
 SECRET = "test-secret"
 DOI_SETTINGS = {
@@ -132,15 +131,10 @@ class MovedClock:
 
 @pytest.fixture
 def moved_clock(tmp_path: Path) -> Iterator[MovedClock]:
-    port = free_port()
-    process = start_broker(port)
-    try:
-        create_topics_sync(f"127.0.0.1:{port}", 4)
-        clock = MovedClock(f"kafka://127.0.0.1:{port}", tmp_path)
+    with embedded_broker(4) as url:
+        clock = MovedClock(url, tmp_path)
         try:
             yield clock
         finally:
             clock.stop()
             clock.kafka.close()
-    finally:
-        stop_broker(process)

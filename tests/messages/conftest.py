@@ -6,12 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Kafka, StageDriver, WorkerProcess, event, http
+from harness import Kafka, StageDriver, WorkerProcess, embedded_broker, event, http
 
 from workers import envelope
-from workers.broker import free_port, start_broker, stop_broker
 from workers.messages.render import LayoutRenderer
-from workers.topics import create_topics_sync
 
 from .helpers import SETTINGS, message_requested
 
@@ -84,13 +82,8 @@ def messages(usher: WorkerProcess, kafka: Kafka, api_tokens: dict[str, str]) -> 
 def own_broker() -> Iterator[str]:
     """A broker of the module's own, for workers with other settings than the shared one: every
     worker consumes every topic, so on the shared broker they would also send other tests' mail."""
-    port = free_port()
-    process = start_broker(port)
-    try:
-        create_topics_sync(f"127.0.0.1:{port}", 4)
-        yield f"kafka://127.0.0.1:{port}"
-    finally:
-        stop_broker(process)
+    with embedded_broker(4) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
