@@ -1,5 +1,5 @@
 """The faust App every stage runs on: faust's Kafka transport with a cheaper hand-off of each
-fetched record, and no per-event statistics nobody reads.
+fetched record, a short fetch wait, and no per-event statistics nobody reads.
 
 faust's fetcher hands every record to the streams with
 `wait_first(deliver(record), suspend_flow.wait())`, so that a delivery blocked
@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Coroutine, Generator, Iterable
+from collections.abc import Coroutine, Generator
+from time import monotonic
 from typing import Any
 
 import aiokafka
 import faust
 from faust.transport.drivers import aiokafka as aiokafka_driver
-from mode import ServiceT
+from faust.sensors.monitor import Monitor
+from faust.types import TP, EventT, Message, StreamT
 from mode.services import WaitArgT, WaitResults
 from mode.utils.times import Seconds
 
@@ -87,15 +89,30 @@ class Transport(aiokafka_driver.Transport):
     Consumer = Consumer
 
 
+class LeanMonitor(Monitor):
+    """faust's Monitor keeps statistics of every message and event for faust's own stats pages,
+    which Usher does not serve (workers/metrics.py counts what it needs, per batch). This one
+    keeps only what faust's consumer reads to tell a stalled stream (`stream_inbound_time`)."""
+
+    def on_message_in(self, tp: TP, offset: int, message: Message) -> None:
+        pass
+
+    def on_stream_event_in(self, tp: TP, offset: int, stream: StreamT, event: EventT) -> None:
+        self.stream_inbound_time[tp] = monotonic()
+
+    def on_stream_event_out(self, tp: TP, offset: int, stream: StreamT, event: EventT, state: dict | None = None) -> None:
+        pass
+
+    def on_message_out(self, tp: TP, offset: int, message: Message) -> None:
+        pass
+
+
 class App(faust.App):
-    """A faust App on the transport above (the `kafka://` broker URLs stay as they are), without
-    faust's Monitor sensor: it keeps statistics of every event for faust's own stats pages, which
-    Usher does not serve (workers/metrics.py counts what it needs, per batch)."""
+    """A faust App on the transport above (the `kafka://` broker URLs stay as they are), with the
+    lean monitor above."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, monitor=LeanMonitor(), **kwargs)
 
     def _new_transport(self) -> Transport:
         return Transport(self.conf.broker_consumer, self)
-
-    def on_init_dependencies(self) -> Iterable[ServiceT]:
-        dependencies = super().on_init_dependencies()
-        self.sensors.remove(self.monitor)
-        return dependencies
