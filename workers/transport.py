@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine, Generator, Mapping
 from time import monotonic
 from typing import Any
 
 import aiokafka
 import faust
+from aiokafka import TopicPartition
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.sensors.monitor import Monitor
 from faust.types import TP, EventT, Message, StreamT
@@ -27,6 +28,9 @@ from mode.services import WaitArgT, WaitResults
 from mode.utils.times import Seconds
 
 FETCH_MAX_WAIT_MS = int(os.environ.get("USHER_FETCH_MAX_WAIT_MS", "50"))
+# Reading the partitions' last batches at recovery (see ConsumerThread._highwaters).
+TAIL_READ_ATTEMPTS = 5
+TAIL_READ_WAIT_MS = 500
 
 
 class _Resumed:
@@ -63,7 +67,48 @@ class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
         # wait is over, which held every stage to a fetch per partition per 1.5 s; Apache Kafka
         # answers as soon as there is data either way, so a short wait costs only idle polls.
         consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        conf = self.app.conf
+        self._tail_reader_settings = {
+            "bootstrap_servers": aiokafka_driver.server_list(transport.url, transport.default_port),
+            "client_id": conf.broker_client_id,
+            "enable_auto_commit": False,
+            "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
+            "max_poll_records": 1_000_000,  # a whole batch at once, however many records it holds
+            **aiokafka_driver.credentials_to_aiokafka_auth(conf.broker_credentials, conf.ssl_context),
+        }
         return consumer
+
+    async def _highwaters(self, partitions: list[TP]) -> Mapping[TP, int]:
+        """The end offsets faust recovers tables up to, read off the partitions' last batches.
+
+        The embedded broker reports a partition's end offset as its newest batch's first offset
+        plus one, whatever the batch holds (a changelog batch holds many changes). Recovery then
+        stopped inside that batch, and a restarted worker lost the newest changes of its tables:
+        seen as ledger rows recovered as `queued` after the mail had been sent. Apache Kafka's end
+        offsets are right, and reading the last batch finds the same ones."""
+        ends = dict(await super()._highwaters(partitions))
+        last = {tp: end - 1 for tp, end in ends.items() if end and end > 0}
+        if not last:
+            return ends
+        reader = aiokafka.AIOKafkaConsumer(**self._tail_reader_settings)
+        await reader.start()
+        try:
+            reader.assign([TopicPartition(tp.topic, tp.partition) for tp in last])
+            for tp, offset in last.items():
+                reader.seek(TopicPartition(tp.topic, tp.partition), offset)
+            waiting = set(last)
+            for _ in range(TAIL_READ_ATTEMPTS):
+                if not waiting:
+                    break
+                for part, records in (await reader.getmany(*[TopicPartition(tp.topic, tp.partition) for tp in waiting],
+                                                           timeout_ms=TAIL_READ_WAIT_MS)).items():
+                    tp = TP(part.topic, part.partition)
+                    if records:
+                        ends[tp] = max(ends[tp], records[-1].offset + 1)
+                        waiting.discard(tp)
+        finally:
+            await reader.stop()
+        return ends
 
 
 class Consumer(aiokafka_driver.Consumer):

@@ -265,6 +265,27 @@ def test_a_request_is_never_sent_twice_across_a_restart(tracking: MessagesDriver
     assert {record["id"] for record in statuses[request]} == {statuses[request][0]["id"]}
 
 
+def test_many_requests_are_sent_once_each_when_published_again_after_a_crash(tracking: MessagesDriver, sendgrid: StandIn) -> None:
+    # Enough requests that the ledger's changelog goes out in batches of many records, which is
+    # what a restarted worker must read back whole.
+    published = [tracking.request(TENANT, request=unique("r"), contact=unique("c")) for _ in range(200)]
+    requests = {requested["data"]["request"] for requested in published}
+    tracking.statuses(TENANT, lambda found: requests <= set(found))
+
+    tracking.worker.stop(kill=True)
+    tracking.worker.start()
+    for requested in published:
+        tracking.send(requested | {"id": unique("evt")})
+    # Each repeat is answered with the request's status again (the same record): once every
+    # request has two, the restarted worker has judged every repeat.
+    statuses = tracking.statuses(TENANT, lambda found: all(len(found.get(request, ())) >= 2 for request in requests), timeout=60)
+
+    assert {request: sendgrid.requests_for(request) for request in requests} == {request: 1 for request in requests}
+    differing = {request: [(r["id"][:8], r["data"]["status"], r["data"].get("error")) for r in statuses[request]]
+                 for request in requests if len({record["id"] for record in statuses[request]}) != 1}
+    assert differing == {}
+
+
 def test_a_request_whose_send_was_never_answered_is_unknown_and_not_sent_again(tracking: MessagesDriver, sendgrid: StandIn) -> None:
     sendgrid.crash = tracking.worker
     requested = tracking.request(TENANT, request=unique("r"), contact=unique("c"))
