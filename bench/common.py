@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from workers.broker import free_port, start_broker, stop_broker
+from workers.broker import free_port, start_broker, stop_broker, stop_process
 from workers.topics import create_topics
 
 PARTITIONS = int(os.environ.get("USHER_PARTITIONS", "6"))
@@ -34,12 +34,7 @@ def stage_worker(stage: str, bootstrap: str, workdir: Path, name: str, env: dict
         try:
             yield worker, port
         finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop_process(worker, timeout_s=30)
 
 
 async def wait_ready(port: int, worker: subprocess.Popen, timeout: float = 120) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from workers import envelope
-from workers.broker import free_port, start_broker, stop_broker
+from workers.broker import free_port, start_broker, stop_broker, stop_process
 from workers.topics import create_topics_sync
 
 API_TOKEN_SECRET = "test-token"
@@ -186,16 +186,12 @@ class WorkerProcess:
             return ""
 
     def stop(self, *, kill: bool = False) -> None:
-        if self.process and self.process.poll() is None:
-            if kill:
-                self.process.kill()
-            else:
-                self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        """Stop the worker as a deployment would (SIGTERM), or as a crash would (`kill`)."""
+        if self.process and kill:
+            self.process.kill()
+            self.process.wait()
+        elif self.process:
+            stop_process(self.process, timeout_s=20)
 
 
 class StageDriver:

@@ -73,11 +73,16 @@ def start_broker(port: int, host: str = "127.0.0.1", *, quiet: bool = True) -> s
     return process
 
 
-def stop_broker(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen, timeout_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
     if process.poll() is None:
         process.terminate()
         try:
-            process.wait(timeout=5)
+            process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def stop_broker(process: subprocess.Popen) -> None:
+    stop_process(process)

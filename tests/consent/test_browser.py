@@ -18,6 +18,7 @@ import pytest
 from harness import Kafka
 
 from workers import envelope
+from workers.broker import stop_process
 from workers.consent.tokens import UnsubscribeClaims, make_unsubscribe_token
 
 CHROMIUM = "/usr/bin/chromium"
@@ -46,12 +47,7 @@ def devtools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.1)
         yield f"http://127.0.0.1:{active_port.read_text().split()[0]}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=10)
 
 
 class Tab:
