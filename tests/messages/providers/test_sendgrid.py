@@ -1,14 +1,16 @@
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
+from urllib.error import URLError
 
 import pytest
 
 from workers.messages.providers import EmailSend, Retry
-from workers.messages.providers.sendgrid import SendGridProvider, substitute
+from workers.messages.providers.sendgrid import SendGridProvider, classify, substitute
 from workers.messages.render import LayoutRenderer
 from workers.messages.rules import plan_send
 
@@ -205,3 +207,11 @@ async def test_requests_keep_to_the_rate_limit(renderer: LayoutRenderer, standin
 
     assert len(standin.accepted) == 3
     assert time.monotonic() - started >= 0.1
+
+
+def test_only_a_connection_that_never_opened_is_retried() -> None:
+    # A timeout or reset while the body was going out may have left SendGrid with the request.
+    assert classify(URLError(ConnectionRefusedError(111, "Connection refused"))).outcome == "retry"
+    assert classify(URLError(socket.gaierror(-2, "Name or service not known"))).outcome == "retry"
+    assert classify(URLError(TimeoutError("timed out"))).outcome == "unknown"
+    assert classify(URLError(ConnectionResetError(104, "Connection reset by peer"))).outcome == "unknown"

@@ -13,6 +13,7 @@ does not load boto3 or the SendGrid client.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ Status = Literal["sent", "failed", "unknown"]
 EMAIL_PROVIDERS = ("outbox", "sendgrid")
 SMS_PROVIDERS = ("outbox", "end-user-messaging", "sns")
 SENDGRID_HOST = "https://api.sendgrid.com"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +166,9 @@ async def deliver(
         if verdict.outcome != "retry":
             return Outcome(verdict.outcome, None, verdict.reason)
         if attempt + 1 < retry.attempts:
-            await asyncio.sleep(retry.delay(attempt, verdict.wait_s))
+            delay = retry.delay(attempt, verdict.wait_s)
+            log.warning("provider call failed (%s); attempt %d of %d in %.1f s", verdict.reason, attempt + 2, retry.attempts, delay)
+            await asyncio.sleep(delay)
     return Outcome("failed", None, f"gave up after {retry.attempts} attempts: {verdict.reason}")
 
 

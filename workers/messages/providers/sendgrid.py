@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import socket
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -145,9 +146,13 @@ def classify(error: Exception) -> Verdict | None:
         if error.status_code == 429 or error.status_code >= 500:
             return Verdict("retry", reason, _retry_after_s(error))
         return Verdict("failed", reason)
-    # urllib raises URLError only while connecting and sending: SendGrid never got the request.
+    # urllib raises URLError while connecting and while sending. Only a connection that never
+    # opened is certain not to have reached SendGrid; a timeout or a reset while the body was
+    # going out may have left SendGrid with the whole request, so that is not sent again.
     if isinstance(error, URLError):
-        return Verdict("retry", f"SendGrid unreachable: {error.reason}")
+        if isinstance(error.reason, (ConnectionRefusedError, socket.gaierror)):
+            return Verdict("retry", f"SendGrid unreachable: {error.reason}")
+        return Verdict("unknown", f"SendGrid may have the request, the connection failed while sending: {error.reason}")
     if isinstance(error, (OSError, http.client.HTTPException)):
         return Verdict("unknown", f"no answer from SendGrid after sending: {error!r}")
     return None
