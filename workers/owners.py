@@ -15,6 +15,7 @@ from faust.web import Request, Response, View
 from yarl import URL
 
 from workers import web
+from workers.settings import Settings
 
 FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=10)
 # Marks a passed-on request, so two workers that disagree during a rebalance do not pass it around.
@@ -23,15 +24,18 @@ FORWARDED_HEADER = "X-Usher-Forwarded"
 PASSED_BACK_HEADERS = ("Content-Disposition", "Cache-Control")
 
 
+def active_partitions(app: faust.App, topic: str) -> set[int]:
+    """The partitions of `topic` this worker is active for (its tables also hold standby copies)."""
+    return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
+
+
 class Owners:
     def __init__(self, app: faust.App, ready: list[asyncio.Event]) -> None:
         self.app, self.ready = app, ready
         self.here = str(app.conf.canonical_url)
 
     def settled(self) -> bool:
-        """Reference feeds caught up and tables recovered: what this worker's state says is complete."""
-        recovery = self.app.tables.recovery
-        return all(event.is_set() for event in self.ready) and recovery.completed.is_set() and not recovery.in_recovery
+        return web.settled(self.app, self.ready)
 
     def owner(self, topic: str, key: str) -> str | None:
         """The web address of the worker active for the key's partition of `topic` (None while
@@ -45,6 +49,12 @@ class Owners:
     def owned_here(self, topic: str, key: str) -> bool:
         """Whether this worker's tables hold the key's current state."""
         return self.settled() and self.owner(topic, key) == self.here
+
+    async def answer_for_tenant(self, view: View, request: Request, settings: Settings, tenant: str, topic: str, key: str,
+                                answer: Callable[[], Response]) -> Response:
+        """A `/v1` GET about one of the tenant's keys: its token checked, then `answer` as below."""
+        refused = web.authorize(view, request, settings, tenant)
+        return refused if refused is not None else await self.answer(view, request, topic, key, answer)
 
     async def answer(self, view: View, request: Request, topic: str, key: str | None, answer: Callable[[], Response]) -> Response:
         """`answer()` here when this worker owns the key (None: any worker may answer), else the

@@ -45,6 +45,12 @@ def page_of(items: list[Any], page: int, size: int) -> list[Any]:
     return items[(page - 1) * size : page * size]
 
 
+def settled(app: faust.App, ready_events: list[asyncio.Event]) -> bool:
+    """Tables recovered and reference feeds caught up: what this worker's state says is complete."""
+    recovery = app.tables.recovery
+    return all(event.is_set() for event in ready_events) and recovery.completed.is_set() and not recovery.in_recovery
+
+
 def register_health(app: faust.App, ready_events: list[asyncio.Event]) -> None:
     """`/healthz` (process is up), `/readyz` (tables recovered and reference
     feeds caught up), `/metrics`."""
@@ -55,9 +61,7 @@ def register_health(app: faust.App, ready_events: list[asyncio.Event]) -> None:
 
     @app.page("/readyz")
     async def readyz(view: View, request: Request) -> Response:
-        recovery = app.tables.recovery
-        feeds_ready = all(event.is_set() for event in ready_events)
-        if recovery.completed.is_set() and not recovery.in_recovery and feeds_ready:
+        if settled(app, ready_events):
             return view.json({"status": "ok"})
         return view.json({"status": "recovering"}, status=503)
 

@@ -39,10 +39,10 @@ from typing import Any
 import faust
 from faust.web import Request, Response, View
 
-from workers import envelope, web
+from workers import envelope
 from workers.consent import pages, rules, tokens
 from workers.edge import Accepted, partition_of, produce
-from workers.owners import Owners
+from workers.owners import Owners, active_partitions
 from workers.tables import ContactTable
 from workers.stage import StageContext
 
@@ -244,7 +244,7 @@ class Schedule:
         return due
 
     def _load(self, timing_of: Callable[[str], list[float]]) -> None:
-        active = {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == envelope.ORDERS}
+        active = active_partitions(self.app, envelope.ORDERS)
         self._entries = {
             key: (envelope.parse_time(value["due"]), value["timing"])
             for key, value in self.table.items()
@@ -464,23 +464,17 @@ def register(app: faust.App, ctx: StageContext) -> None:
     @app.page("/v1/contacts/{tenant}/{contact}/consents")
     class Consents(View):
         async def get(self, request: Request, tenant: str, contact: str) -> Response:
-            refused = web.authorize(self, request, settings, tenant)
-            if refused is not None:
-                return refused
             key = envelope.contact_key(tenant, contact)
 
             def answer() -> Response:
                 state = contacts.get(key)
                 return self.json(rules.public_status(state) if state else {"contact": contact, "optins": {}})
 
-            return await from_owner(self, request, key, answer)
+            return await owners.answer_for_tenant(self, request, settings, tenant, envelope.ORDERS, key, answer)
 
     @app.page("/v1/contacts/{tenant}/{contact}/consents/proof")
     class ConsentProof(View):
         async def get(self, request: Request, tenant: str, contact: str) -> Response:
-            refused = web.authorize(self, request, settings, tenant)
-            if refused is not None:
-                return refused
             key = envelope.contact_key(tenant, contact)
 
             def answer() -> Response:
@@ -490,4 +484,4 @@ def register(app: faust.App, ctx: StageContext) -> None:
                     return self.bytes(proof_csv(changes).encode(), content_type="text/csv", headers={"Content-Disposition": disposition})
                 return self.json({"contact": contact, "changes": changes})
 
-            return await from_owner(self, request, key, answer)
+            return await owners.answer_for_tenant(self, request, settings, tenant, envelope.ORDERS, key, answer)

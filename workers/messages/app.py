@@ -740,19 +740,13 @@ def register_views(app: faust.App, ctx: StageContext, reference: Reference, rend
     @app.page("/v1/messages/{tenant}/{message}/history")
     class MessageHistory(View):
         async def get(self, request: Request, tenant: str, message: str) -> Response:
-            refused = web.authorize(self, request, settings, tenant)
-            if refused is not None:
-                return refused
             page, size = web.paging(request)
-            return await owners.answer(self, request, envelope.DELIVERIES, envelope.key(tenant, message),
-                                       lambda: self.json(history.page(tenant, message, page, size)))
+            return await owners.answer_for_tenant(self, request, settings, tenant, envelope.DELIVERIES, envelope.key(tenant, message),
+                                                  lambda: self.json(history.page(tenant, message, page, size)))
 
     @app.page("/v1/contacts/{tenant}/{contact}/messages")
     class ContactMessages(View):
         async def get(self, request: Request, tenant: str, contact: str) -> Response:
-            refused = web.authorize(self, request, settings, tenant)
-            if refused is not None:
-                return refused
             page, size = web.paging(request)
             key = envelope.contact_key(tenant, contact)
 
@@ -760,7 +754,7 @@ def register_views(app: faust.App, ctx: StageContext, reference: Reference, rend
                 rows = list((ledger.get(key) or {}).values())
                 return self.json(rules.contact_history_page(contact, rows, page=page, size=size))
 
-            return await owners.answer(self, request, envelope.OUTBOX, key, answer)
+            return await owners.answer_for_tenant(self, request, settings, tenant, envelope.OUTBOX, key, answer)
 
     @app.page("/v1/layouts/preview")
     class LayoutPreview(View):

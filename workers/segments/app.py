@@ -45,7 +45,7 @@ from yarl import URL
 from workers import envelope, web
 from workers.edge import Accepted, produce, rejection
 from workers.fields import MESSAGE_FALLBACK_LANGUAGE, shown_in
-from workers.owners import Owners
+from workers.owners import Owners, active_partitions
 from workers.segments import audience, family, profiles, rules
 from workers.stage import StageContext
 from workers.tables import ContactTable
@@ -331,12 +331,9 @@ def register(app: faust.App, ctx: StageContext) -> None:
 
     ctx.edge.subscribe("emails", [profiles.BY_EMAIL], on_record=handle_email)
 
-    def active_partitions() -> set[int]:
-        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == envelope.ORDERS}
-
     def held_here(keys: Iterable[str]) -> list[str]:
         """The keys of this worker's active partitions (the tables also hold standby copies)."""
-        active = active_partitions()
+        active = active_partitions(app, envelope.ORDERS)
         return [key for key in keys if app.consumer.key_partition(envelope.ORDERS, key.encode()) in active]
 
     @app.on_rebalance_complete.connect
@@ -438,9 +435,6 @@ def register(app: faust.App, ctx: StageContext) -> None:
     @app.page("/v1/contacts/{tenant}/{contact}")
     class ContactProfile(View):
         async def get(self, request: Request, tenant: str, contact: str) -> Response:
-            refused = web.authorize(self, request, ctx.settings, tenant)
-            if refused is not None:
-                return refused
             key = envelope.contact_key(tenant, contact)
 
             def answer() -> Response:
@@ -451,7 +445,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
                     return self.json(profile_view(profile, reference.tenant(tenant).fields))
                 return self.json(profile)
 
-            return await owners.answer(self, request, envelope.ORDERS, key, answer)
+            return await owners.answer_for_tenant(self, request, ctx.settings, tenant, envelope.ORDERS, key, answer)
 
     @app.page("/v1/messages/{tenant}/{message}/recipients")
     class MessageRecipients(View):
