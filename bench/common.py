@@ -8,12 +8,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from workers import demo
 from workers.broker import free_port, start_broker, stop_broker, stop_process
 from workers.topics import create_topics
 
@@ -37,23 +37,9 @@ def stage_worker(stage: str, bootstrap: str, workdir: Path, name: str, env: dict
             stop_process(worker, timeout_s=30)
 
 
-async def wait_ready(port: int, worker: subprocess.Popen, timeout: float = 120) -> None:
-    """Until the worker's /readyz answers 200 (tables recovered, reference feeds read)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline and worker.poll() is None:
-        try:
-            ready = await asyncio.to_thread(_ready, port)
-        except OSError:
-            ready = False
-        if ready:
-            return
-        await asyncio.sleep(0.3)
-    raise RuntimeError(f"worker on port {port} not ready (exit code {worker.poll()})")
-
-
-def _ready(port: int) -> bool:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
-        return response.status == 200
+async def wait_ready(port: int, worker: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Until the worker's /readyz answers 200 (tables recovered, reference feeds read), as the demo waits."""
+    await asyncio.to_thread(demo.wait_ready, port, worker, log, timeout)
 
 
 def run_alone(measure: Callable[[str, Path], Awaitable[dict[str, Any]]]) -> None:

@@ -93,7 +93,7 @@ async def measure(bootstrap: str, workdir: Path) -> dict[str, Any]:
                 out = revoke(contact)
                 await producer.send(out.topic, key=out.key.encode(), value=out.value_bytes())
             await producer.flush()
-            await wait_ready(port, worker)
+            await wait_ready(port, worker, workdir / "consent-revoke.log")
 
             sent_at: dict[str, float] = {}
             latencies: list[float] = []

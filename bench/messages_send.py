@@ -97,7 +97,7 @@ async def measure(bootstrap: str, workdir: Path) -> dict[str, Any]:
         env = {"USHER_STORE": "rocksdb://", "USHER_EMAIL_PROVIDER": "sendgrid", "USHER_SENDGRID_API_KEY": API_KEY,
                "USHER_SENDGRID_HOST": standin.host, "USHER_EMAIL_RATE_PER_S": "0"}
         with stage_worker("messages", bootstrap, workdir, "messages-send", env) as (worker, port):
-            await wait_ready(port, worker)
+            await wait_ready(port, worker, workdir / "messages-send.log")
             deadline, last_count, last_change = time.monotonic() + DEADLINE_S, 0, time.monotonic()
             while standin.received < RECIPIENTS and time.monotonic() < deadline and worker.poll() is None:
                 await asyncio.sleep(0.5)

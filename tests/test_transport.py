@@ -9,7 +9,7 @@ from mode import Service
 from workers.transport import Consumer
 
 
-def _Fetcher() -> Consumer:
+def bare_consumer() -> Consumer:
     """A Consumer with just its Service parts, enough for wait_first (no app or broker)."""
     consumer = Consumer.__new__(Consumer)
     Service.__init__(consumer)
@@ -25,7 +25,7 @@ async def test_a_delivery_that_does_not_wait_completes_at_once_and_the_other_wai
 
     suspended = asyncio.Event()
     other = suspended.wait()
-    results = await _Fetcher().wait_first(deliver(), other)
+    results = await bare_consumer().wait_first(deliver(), other)
     assert len(results.done) == 1 and results.results == ["done"] and not results.stopped and delivered == [1]
     assert other.cr_frame is None  # closed, not left to warn "never awaited"
 
@@ -41,7 +41,7 @@ async def test_a_delivery_that_waits_is_carried_on_until_it_completes() -> None:
         return "done"
 
     suspended = asyncio.Event()
-    waiting = asyncio.ensure_future(_Fetcher().wait_first(deliver(), suspended))
+    waiting = asyncio.ensure_future(bare_consumer().wait_first(deliver(), suspended))
     await asyncio.sleep(0.01)
     assert steps == ["started"] and not waiting.done()
     room.set()
@@ -54,7 +54,7 @@ async def test_a_waiting_delivery_gives_way_when_the_flow_is_suspended() -> None
         await asyncio.Event().wait()  # a buffer that never gets room
 
     suspended = asyncio.Event()
-    waiting = asyncio.ensure_future(_Fetcher().wait_first(deliver(), suspended))
+    waiting = asyncio.ensure_future(bare_consumer().wait_first(deliver(), suspended))
     await asyncio.sleep(0.01)
     suspended.set()
     results = await asyncio.wait_for(waiting, 1)
@@ -66,4 +66,4 @@ async def test_an_error_in_a_delivery_propagates() -> None:
         raise ValueError("bad record")
 
     with pytest.raises(ValueError, match="bad record"):
-        await _Fetcher().wait_first(deliver(), asyncio.Event())
+        await bare_consumer().wait_first(deliver(), asyncio.Event())

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from moto.server import ThreadedMotoServer
 from harness import Kafka, StageDriver, WorkerProcess, embedded_broker, event, http
 
 from workers import envelope
@@ -91,3 +92,13 @@ def own_kafka(own_broker: str) -> Iterator[Kafka]:
     client = Kafka(own_broker.removeprefix("kafka://"))
     yield client
     client.close()
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    """moto's AWS stand-in in server mode (SNS), on a free port."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 from harness import Kafka, WorkerProcess, http, unique
-from moto.server import ThreadedMotoServer
 
 from workers import envelope
 from workers.broker import free_port
@@ -120,15 +119,6 @@ def sns() -> Iterator[SnsStandIn]:
     standin = SnsStandIn()
     yield standin
     standin.close()
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
 from botocore.stub import Stubber
 from moto.core import DEFAULT_ACCOUNT_ID
-from moto.server import ThreadedMotoServer
 from moto.sns.models import sns_backends
 
 from workers.messages.providers import Retry, SmsSend
@@ -24,15 +22,6 @@ def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
                         ("AWS_SESSION_TOKEN", "testing")):
         monkeypatch.setenv(name, value)
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 def sms_sent_through_sns() -> dict[str, tuple[str, str]]:
