@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     session_timeout_s: float = 10.0
     rebalance_timeout_s: float = 10.0
     heartbeat_interval_s: float = 1.0
+    # Longest a worker's fetch waits for data: faust fixes 1.5 s, and the embedded broker always
+    # waits it out (Apache Kafka answers as soon as there is data).
+    fetch_max_wait_ms: int = Field(default=50, ge=1)
     batch_size: int = Field(default=1000, ge=1)
     batch_within_s: float = 0.05
     # Ids per partition the edge remembers to drop repeats (see workers/dedupe.py).

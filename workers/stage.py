@@ -56,6 +56,7 @@ def build_app(stages: tuple[str, ...], settings: Settings) -> faust.App:
     (settings.data_dir / name).mkdir(parents=True, exist_ok=True)
     app = App(
         name,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
         broker=settings.broker,
         store=settings.store,
         datadir=str(settings.data_dir / name),

@@ -13,7 +13,6 @@ from where it stopped, with the same semantics as before.
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Coroutine, Generator, Mapping
 from time import monotonic
 from typing import Any
@@ -27,7 +26,6 @@ from faust.types import TP, EventT, Message, StreamT
 from mode.services import WaitArgT, WaitResults
 from mode.utils.times import Seconds
 
-FETCH_MAX_WAIT_MS = int(os.environ.get("USHER_FETCH_MAX_WAIT_MS", "50"))
 # Reading the partitions' last batches at recovery (see ConsumerThread._highwaters).
 TAIL_READ_ATTEMPTS = 5
 TAIL_READ_WAIT_MS = 500
@@ -66,13 +64,13 @@ class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
         # faust fixes the fetch wait at 1.5 s. The embedded broker answers a fetch only when that
         # wait is over, which held every stage to a fetch per partition per 1.5 s; Apache Kafka
         # answers as soon as there is data either way, so a short wait costs only idle polls.
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        consumer._fetch_max_wait_ms = self.app.fetch_max_wait_ms
         conf = self.app.conf
         self._tail_reader_settings = {
             "bootstrap_servers": aiokafka_driver.server_list(transport.url, transport.default_port),
             "client_id": conf.broker_client_id,
             "enable_auto_commit": False,
-            "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
+            "fetch_max_wait_ms": self.app.fetch_max_wait_ms,
             "max_poll_records": 1_000_000,  # a whole batch at once, however many records it holds
             **aiokafka_driver.credentials_to_aiokafka_auth(conf.broker_credentials, conf.ssl_context),
         }
@@ -154,9 +152,10 @@ class LeanMonitor(Monitor):
 
 class App(faust.App):
     """A faust App on the transport above (the `kafka://` broker URLs stay as they are), with the
-    lean monitor above."""
+    lean monitor above; `fetch_max_wait_ms` is the consumer's fetch wait (see ConsumerThread)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fetch_max_wait_ms: int, **kwargs: Any) -> None:
+        self.fetch_max_wait_ms = fetch_max_wait_ms
         super().__init__(*args, monitor=LeanMonitor(), **kwargs)
 
     def _new_transport(self) -> Transport:
