@@ -1,12 +1,16 @@
-"""The transport's record hand-off: same outcome as faust's wait_first, without its tasks when nothing waits."""
+"""The transport's record hand-off (same outcome as faust's wait_first, without its tasks when nothing
+waits) and its record batches."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
+from faust.types import TP
+from faust.types.tuples import ConsumerMessage
 from mode import Service
 
-from workers.transport import Consumer
+from workers.transport import Consumer, RecordBatch, records_of
 
 
 def bare_consumer() -> Consumer:
@@ -67,3 +71,39 @@ async def test_an_error_in_a_delivery_propagates() -> None:
 
     with pytest.raises(ValueError, match="bad record"):
         await bare_consumer().wait_first(deliver(), asyncio.Event())
+
+
+class RecordingConsumer:
+    """What a RecordBatch's final ack uses of faust's consumer: its unacked set and `ack`."""
+
+    def __init__(self) -> None:
+        self.unacked: set = set()
+        self.acked: list[int] = []
+
+    def ack(self, message: ConsumerMessage) -> bool:
+        self.acked.append(message.offset)
+        return True
+
+
+def consumer_message(offset: int, partition: int = 3) -> ConsumerMessage:
+    return ConsumerMessage("ticketing.orders", partition, offset, 0.0, 0, None, b"t1/c-1", b"{}", None,
+                           tp=TP("ticketing.orders", partition), generation_id=7)
+
+
+def test_a_batch_acknowledges_its_records_only_when_every_channel_is_done_with_it() -> None:
+    batch = RecordBatch([consumer_message(offset) for offset in (10, 11, 13)])
+    assert (batch.tp, batch.offset, batch.generation_id) == (TP("ticketing.orders", 3), 10, 7)
+    consumer = RecordingConsumer()
+    consumer.unacked.add(batch)  # as the stream tracks it
+    batch.incref(2)  # two channels subscribe to the topic, as the conductor counts them
+    assert not batch.ack(consumer) and consumer.acked == [] and batch in consumer.unacked
+    assert batch.ack(consumer)
+    # Every record's offset is acknowledged (so the commit may pass them), and nothing waits on the batch.
+    assert consumer.acked == [10, 11, 13] and batch not in consumer.unacked
+    assert not batch.ack(consumer) and consumer.acked == [10, 11, 13]  # a second ack changes nothing
+
+
+def test_an_event_carries_its_batch_or_its_one_record() -> None:
+    records = [consumer_message(offset) for offset in (1, 2)]
+    assert records_of(SimpleNamespace(message=RecordBatch(records))) == records
+    assert records_of(SimpleNamespace(message=records[0])) == [records[0]]

@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
+from time import monotonic
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,13 +25,28 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 from faust.streams import _current_event
-from faust.types import EventT
+from faust.types import EventT, Message
 
 from workers import envelope, schemas
+from workers.transport import BatchTopic, records_of
 from workers.dedupe import SeenLog
 from workers.metrics import CONSUMED, DEAD_LETTERS, DUPLICATES, PRODUCED
 
 log = logging.getLogger(__name__)
+
+# How often a batch waiting for more records looks at its queue (see `Edge.subscribe`).
+LINGER_POLL_S = 0.005
+
+
+class Delivered:
+    """One consumed record as the edge and faust's tables read it: its `message` (topic,
+    partition, offset, key, value, timestamp). Table writes made while it is faust's current
+    event go to the changelog partition of its `message.partition`."""
+
+    __slots__ = ("message", "__weakref__")
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
 
 
 @dataclass(slots=True)
@@ -39,7 +55,7 @@ class Accepted:
 
     event: dict[str, Any]
     key: str
-    record: EventT
+    record: Delivered
 
     @property
     def data(self) -> dict[str, Any]:
@@ -71,6 +87,13 @@ async def _call(handler: RecordHandler, item: Accepted) -> list[envelope.Out]:
     return list(result)
 
 
+async def _more_waiting(queue: asyncio.Queue, deadline: float) -> bool:
+    """Whether more events are queued, waiting until `deadline` if none are yet."""
+    while queue.empty() and monotonic() < deadline:
+        await asyncio.sleep(LINGER_POLL_S)
+    return not queue.empty()
+
+
 def _handler_error(exc: Exception) -> str:
     return f"handler error: {type(exc).__name__}: {exc}"
 
@@ -79,7 +102,7 @@ def dedupe_key(event: dict[str, Any]) -> str:
     return f"{event['tenant']}/{event['source']}/{event['id']}"
 
 
-def rejection(reason: str, record: EventT, event: Any = None, *, stage: str = "edge") -> envelope.Out:
+def rejection(reason: str, record: Delivered, event: Any = None, *, stage: str = "edge") -> envelope.Out:
     """The `record.rejected` for a record, keyed as the bad record was; its
     source names the stage, as every stage reading the topic reports it."""
     message = record.message
@@ -104,7 +127,7 @@ def rejection(reason: str, record: EventT, event: Any = None, *, stage: str = "e
     )
 
 
-def inspect_record(record: EventT) -> tuple[dict[str, Any] | None, str | None]:
+def inspect_record(record: Delivered) -> tuple[dict[str, Any] | None, str | None]:
     """Decode and validate one record: (event, None) or (maybe-partial event, reason)."""
     raw = record.message.value
     if raw is None:
@@ -141,27 +164,42 @@ class Edge:
         *,
         on_record: RecordHandler | None = None,
         on_batch: BatchHandler | None = None,
-        on_tombstone: Callable[[EventT], Iterable[envelope.Out]] | None = None,
+        on_tombstone: Callable[[Delivered], Iterable[envelope.Out]] | None = None,
     ) -> None:
         """Consume `topics` with one agent; hand accepted records to the handler."""
         if (on_record is None) == (on_batch is None):
             raise ValueError("give exactly one of on_record or on_batch")
-        channel = self.app.topic(*topics, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+        channel = BatchTopic(self.app, topics=list(topics))
 
         async def consume(stream: faust.StreamT) -> None:
-            async for records in stream.take_events(self.batch_size, within=self.batch_within_s):
+            # Each event is a partition's records from one fetch (see workers/transport.py); they
+            # are acknowledged here, once handled and their outputs acknowledged: at-least-once.
+            stream.enable_acks = False
+            queue = stream.channel.queue
+            events: list[EventT] = []
+            records: list[Delivered] = []
+            async for event in stream.events():
+                if not events:
+                    deadline = monotonic() + self.batch_within_s
+                events.append(event)
+                records.extend(Delivered(message) for message in records_of(event))
+                if len(records) < self.batch_size and await _more_waiting(queue, deadline):
+                    continue
                 await self.process(records, on_record=on_record, on_batch=on_batch, on_tombstone=on_tombstone)
+                for handled in events:
+                    await stream.ack(handled)
+                events, records = [], []
 
         consume.__name__ = consume.__qualname__ = f"{self.stage}_{name}"
         self.app.agent(channel, name=f"{self.stage}.{name}")(consume)
 
     async def process(
         self,
-        records: Sequence[EventT],
+        records: Sequence[Delivered],
         *,
         on_record: RecordHandler | None = None,
         on_batch: BatchHandler | None = None,
-        on_tombstone: Callable[[EventT], Iterable[envelope.Out]] | None = None,
+        on_tombstone: Callable[[Delivered], Iterable[envelope.Out]] | None = None,
     ) -> None:
         for ready in self.waits:
             await ready.wait()
@@ -211,7 +249,7 @@ class Edge:
         # Only what was handled counts as seen: a parked record can be replayed once fixed.
         self.seen.add((item, dedupe_key(item.event)) for item in handled)
 
-    def _guarded(self, record: EventT, call: Callable[[], Iterable[envelope.Out]]) -> list[envelope.Out]:
+    def _guarded(self, record: Delivered, call: Callable[[], Iterable[envelope.Out]]) -> list[envelope.Out]:
         try:
             return list(call())
         except Exception as exc:
@@ -222,7 +260,7 @@ class Edge:
         """A `record.rejected` for a valid record the stage cannot use (e.g. bad configuration)."""
         return self._reject(reason, item.record, item.event)
 
-    def _reject(self, reason: str, record: EventT, event: Any = None) -> envelope.Out:
+    def _reject(self, reason: str, record: Delivered, event: Any = None) -> envelope.Out:
         DEAD_LETTERS.labels(self.stage, record.message.topic).inc()
         log.warning("%s: rejected %s[%s]@%s: %s", self.stage, record.message.topic, record.message.partition, record.message.offset, reason)
         return rejection(reason, record, event, stage=self.stage)

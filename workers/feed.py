@@ -23,7 +23,7 @@ import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from workers import envelope
-from workers.edge import inspect_record, produce, rejection
+from workers.edge import Delivered, inspect_record, produce, rejection
 from workers.metrics import CONSUMED, DEAD_LETTERS
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,6 @@ class _Message:
     def __init__(self, record: Any) -> None:
         self.topic, self.partition, self.offset = record.topic, record.partition, record.offset
         self.key, self.value, self.timestamp = record.key, record.value, record.timestamp / 1000
-
-
-class _Record:
-    __slots__ = ("message",)
-
-    def __init__(self, record: Any) -> None:
-        self.message = _Message(record)
 
 
 class Feed:
@@ -82,7 +75,7 @@ class Feed:
             await consumer.stop()
 
     def apply(self, raw: Any) -> list[envelope.Out]:
-        record = _Record(raw)
+        record = Delivered(_Message(raw))
         CONSUMED.labels(self.stage, raw.topic).inc()
         key = raw.key.decode("utf-8", "replace") if raw.key else ""
         event, problem = inspect_record(record)

@@ -77,7 +77,7 @@ def build_app(stages: tuple[str, ...], settings: Settings) -> faust.App:
         # and a request part every dozen records.
         producer_max_batch_size=512 * 1024,
         producer_acks=-1,
-        stream_buffer_maxsize=max(4096, settings.batch_size * 2),
+        stream_buffer_maxsize=64,  # events of the batch topics, each a partition's share of a fetch
         logging_config=None,
     )
     ready_events: list[asyncio.Event] = []

@@ -1,5 +1,12 @@
-"""The faust App every stage runs on: faust's Kafka transport with a cheaper hand-off of each
-fetched record, a short fetch wait, and no per-event statistics nobody reads.
+"""The faust App every stage runs on: faust's Kafka transport with batch topics, a cheaper
+hand-off of each fetched record, a short fetch wait, and no per-event statistics nobody reads.
+
+Batch topics (`BatchTopic`, what every stage's edge consumes): faust passes each record alone
+through the conductor (a lock, the flow control, a decode, a queue put) and the stream (a loop
+turn, the sensors, an ack under a lock), which costs more than most stages' own work on a record.
+For a batch topic the fetcher instead hands over each partition's share of a fetch as one
+message (`RecordBatch`), which goes through that same machinery once, flow control, rebalances and
+offset commits included, and is acknowledged record by record when the stage is done with it.
 
 faust's fetcher hands every record to the streams with
 `wait_first(deliver(record), suspend_flow.wait())`, so that a delivery blocked
@@ -12,6 +19,7 @@ from where it stopped, with the same semantics as before.
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Coroutine, Generator, Mapping
 from time import monotonic
@@ -22,7 +30,10 @@ import faust
 from aiokafka import TopicPartition
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.sensors.monitor import Monitor
+from faust.transport.consumer import CONSUMER_FETCHING
 from faust.types import TP, EventT, Message, StreamT
+from faust.types.tuples import ConsumerMessage, ack_lock
+from mode import ServiceT
 from mode.services import WaitArgT, WaitResults
 from mode.utils.times import Seconds
 
@@ -56,6 +67,49 @@ class _Resumed:
                     step = coroutine.send(sent)
                 except StopIteration as finished:
                     return finished.value
+
+
+class RecordBatch(ConsumerMessage):
+    """One partition's records from one fetch, delivered to a batch topic's channels as one message.
+
+    It stands in the consumer's unacknowledged set for its records, so a rebalance waits for the
+    stage to finish the batch; its final ack acknowledges every record, so offsets are committed
+    only up to what the stage has finished."""
+
+    def __init__(self, records: list[ConsumerMessage]) -> None:
+        first = records[0]
+        super().__init__(first.topic, first.partition, first.offset, first.timestamp, first.timestamp_type, None,
+                         None, None, None, tp=first.tp, generation_id=first.generation_id)
+        self.records = records
+
+    def on_final_ack(self, consumer: Any) -> bool:
+        with ack_lock:
+            self.acked = True
+            consumer.unacked.discard(self)
+            for record in self.records:
+                consumer.ack(record)
+        return True
+
+
+class BatchTopic(faust.Topic):
+    """A topic the fetcher of an App of this module's delivers in batches (see `records_of`).
+    Only batch channels may consume a batch topic: the fetcher batches every record of it."""
+
+    def __init__(self, app: faust.App, *args: Any, **kwargs: Any) -> None:
+        # Raw bytes: the edge decodes and validates each record itself. (faust's clones pass them on.)
+        for setting, raw in (("key_type", bytes), ("value_type", bytes), ("key_serializer", "raw"), ("value_serializer", "raw")):
+            kwargs.setdefault(setting, raw)
+        super().__init__(app, *args, **kwargs)
+        batch_topics = getattr(app, "batch_topics", None)
+        if batch_topics is not None:  # another App's fetcher passes records one by one
+            batch_topics.update(self.topics)
+
+
+def records_of(event: EventT) -> list[Message]:
+    """The records an event of a batch topic carries: a partition's share of a fetch, or the one
+    record of an event delivered otherwise (faust's agent test context, another App's fetcher)."""
+    message = event.message
+    return message.records if isinstance(message, RecordBatch) else [message]
 
 
 class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
@@ -113,6 +167,65 @@ class Consumer(aiokafka_driver.Consumer):
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    async def _drain_messages(self, fetcher: ServiceT) -> None:
+        """faust's fetch loop (the same checks, in the same order), except that records of batch
+        topics are gathered per partition and delivered once a fetch has been read."""
+        deliver = self.callback
+        batch_topics = self.app.batch_topics
+        read_offset = self._read_offset
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        stopped = lambda: self._stopped.is_set() or fetcher._stopped.is_set()  # noqa: E731
+        try:
+            while not stopped():
+                self.diag.set_flag(CONSUMER_FETCHING)
+                fetched = self.getmany(timeout=1.0)
+                await self.sleep(0)  # getmany may return at once, again and again
+                if self.should_stop:
+                    continue
+                batches: dict[TP, list[ConsumerMessage]] = {}
+                since_yield = 0
+                async for tp, message in fetched:
+                    since_yield += 1
+                    if since_yield > 100:
+                        await asyncio.sleep(0)
+                        since_yield = 0
+                    offset, last = message.offset, read_offset[tp]
+                    if last is not None and offset < last:
+                        continue  # read before a seek back: faust drops it the same way
+                    if last and offset - last > 1 and acks_enabled_for(message.topic):
+                        await self._add_gap(tp, last + 1, offset)  # compacted away, or a control record
+                    if tp.topic in batch_topics:
+                        batches.setdefault(tp, []).append(message)
+                        read_offset[tp] = offset
+                        continue
+                    await self._commit_when_due()
+                    await self.wait_first(deliver(message), self.suspend_flow.wait())
+                    read_offset[tp] = offset
+                for records in batches.values():
+                    await self._commit_when_due()
+                    await self.wait_first(deliver(RecordBatch(records)), self.suspend_flow.wait())
+                self.diag.unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                self.log.info("Broker stopped consumer, shutting down...")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                self.log.info("Consumer shutting down for user cancel.")
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            self.diag.unset_flag(CONSUMER_FETCHING)
+
+    async def _commit_when_due(self) -> None:
+        if self._commit_every is not None and self._n_acked >= self._commit_every:
+            self._n_acked = 0
+            await self.commit()
+
     async def wait_first(self, *coros: WaitArgT, timeout: Seconds | None = None) -> WaitResults:
         # Only the fetcher calls this on a consumer: (delivery, the suspend-flow wait).
         first, *others = coros
@@ -156,6 +269,7 @@ class App(faust.App):
 
     def __init__(self, *args: Any, fetch_max_wait_ms: int, **kwargs: Any) -> None:
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.batch_topics: set[str] = set()  # see BatchTopic
         super().__init__(*args, monitor=LeanMonitor(), **kwargs)
 
     def _new_transport(self) -> Transport:
