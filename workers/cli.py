@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import signal
 import sys
 
+from workers import memory
 from workers.settings import Settings
 from workers.stage import STAGES
 
@@ -73,9 +73,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             # then builds a log record for every broker response (a few % of a stage's time).
             logger.setLevel(level_number(self.loglevel))
 
-    # Collections less often: a stage makes and drops many small dicts per record, and with the
-    # default thresholds the collector ran through every live object far more often than needed.
-    gc.set_threshold(50_000, 20, 20)
+    memory.tune_process()
     app = build_app(stages, settings)
     worker = Worker(app, loglevel=args.loglevel, quiet=True)
     worker.execute_from_commandline()

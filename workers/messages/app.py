@@ -35,7 +35,6 @@ worker passes the request on to it. A `queued` status is not published: it lives
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import uuid
 from collections import defaultdict
@@ -52,7 +51,7 @@ from faust.utils import json as faust_json
 from faust.types import TP
 from faust.web import Request, Response, View
 
-from workers import envelope, schemas, web
+from workers import envelope, memory, schemas, web
 from workers.consent.rules import Links
 from workers.edge import Accepted, produce
 from workers.owners import Owners
@@ -685,27 +684,6 @@ def request_for_test_send(tenant: str, definition: dict[str, Any], tenant_config
 # Objects allocated between two young collections, at least. A batch of a thousand mails makes
 # many thousands, and with Python's 700 most of them outlive a collection or two (they live for
 # the batch), pile up as old objects and set off a full collection every few batches.
-FULL_COLLECTION_EVERY_S = 2.0
-
-
-def tune_gc(app: faust.App) -> None:
-    """What exists once the worker has started (modules, the app) is frozen out of collections,
-    and a full collection runs on a clock (`usher worker` makes young ones rare). Measured on the
-    send bench: collections took 8% of the worker's time, 2-3% after."""
-
-    @app.task
-    async def freeze_startup_objects() -> None:
-        gc.collect()
-        gc.freeze()
-
-    @app.timer(FULL_COLLECTION_EVERY_S)
-    async def collect_batches() -> None:
-        # With young collections rare, a batch's records (faust events hold cycles) are often
-        # promoted before they die, and only a full collection frees them. With the startup
-        # objects frozen it walks only what the batches left, a few ms.
-        gc.collect()
-
-
 def register(app: faust.App, ctx: StageContext) -> None:
     settings = ctx.settings
     renderer = LayoutRenderer()
@@ -727,7 +705,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
     history = History(ctx, batched_table(app, f"{ctx.name}-history"))
     ctx.edge.subscribe("history", [envelope.DELIVERIES], on_batch=history.handle)
 
-    tune_gc(app)
+    memory.collect_on_a_clock(app)
     owners = Owners(app, ctx.edge.waits)
     register_views(app, ctx, reference, renderer, ledger, history, owners)
     register_webhooks(app, ctx)
