@@ -101,9 +101,10 @@ def test_link_carries_the_token_in_the_query() -> None:
     assert read_confirm_token(parse_qs(parts.query)["token"][0], SECRET, FOURTEEN_DAYS_S, NOW) == CONFIRM
 
 
-def test_minted_tokens_are_what_itsdangerous_makes() -> None:
-    """Tokens are minted with a cached serializer and signer; each must be exactly the token a
-    fresh `URLSafeTimedSerializer` stamped at the same moment makes."""
+def test_minted_tokens_are_what_itsdangerous_makes_and_reads() -> None:
+    """Tokens are minted with a cached serializer and signer and never compressed; each must be
+    exactly the token a fresh `URLSafeTimedSerializer` stamped at the same moment makes when it
+    does not compress, and one that it reads back when it would have."""
     import random
     from dataclasses import astuple
 
@@ -111,17 +112,22 @@ def test_minted_tokens_are_what_itsdangerous_makes() -> None:
 
     rng = random.Random(5)
     start = datetime(2026, 11, 23, 18, 0, tzinfo=UTC)
-    compressed = 0
+    compressible = 0
     for number in range(300):
         now = start + timedelta(seconds=rng.randrange(10**8), microseconds=rng.randrange(10**6))
         secret = rng.choice(["test-secret", "another-secret", "s" * 64])
-        long_id = "x" * rng.randrange(1, 120)  # long enough to be compressed
+        long_id = "x" * rng.randrange(1, 120)  # long enough for itsdangerous to compress
         if number % 7 == 0:
             long_id += ' é"\\\n'  # what JSON escapes, and text that is not ASCII
-        confirm = ConfirmClaims(f"t{number}", f"c-{number}", rng.choice(["newsletter", "sms-alerts"]), long_id)
-        unsubscribe = UnsubscribeClaims(f"t{number}", f"c-{number}", rng.choice(["email", "sms"]), long_id)
-        assert make_confirm_token(confirm, secret, now) == _serializer(secret, _CONFIRM_SALT, now).dumps(list(astuple(confirm)))
-        assert make_unsubscribe_token(unsubscribe, secret, now) == _serializer(secret, _UNSUBSCRIBE_SALT, now).dumps(list(astuple(unsubscribe)))
-        assert read_confirm_token(make_confirm_token(confirm, secret, now), secret, None, now) == confirm
-        compressed += make_confirm_token(confirm, secret, now).startswith(".")
-    assert 0 < compressed < 300  # both kinds of payload were compared
+        claims = (ConfirmClaims(f"t{number}", f"c-{number}", rng.choice(["newsletter", "sms-alerts"]), long_id),
+                  UnsubscribeClaims(f"t{number}", f"c-{number}", rng.choice(["email", "sms"]), long_id))
+        for claim, salt, make in zip(claims, (_CONFIRM_SALT, _UNSUBSCRIBE_SALT), (make_confirm_token, make_unsubscribe_token)):
+            token = make(claim, secret, now)
+            reference = _serializer(secret, salt, now)
+            assert reference.loads(token) == list(astuple(claim))
+            if reference.dumps(list(astuple(claim))).startswith("."):
+                compressible += 1
+            else:
+                assert token == reference.dumps(list(astuple(claim)))
+        assert read_confirm_token(make_confirm_token(claims[0], secret, now), secret, None, now) == claims[0]
+    assert 0 < compressible < 600  # both kinds of payload were compared

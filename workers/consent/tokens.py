@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zlib
 from dataclasses import dataclass, fields
 from datetime import datetime
 from functools import lru_cache
@@ -99,13 +98,11 @@ _COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def _payload(values: list[str]) -> bytes:
-    """`URLSafeTimedSerializer.dump_payload(values)`: compact JSON, zlib-compressed when that is
-    shorter by more than a byte, URL-safe base64, `.` first when compressed."""
-    data = _COMPACT_JSON.encode(values).encode("utf-8")
-    compressed = zlib.compress(data)
-    if len(compressed) < len(data) - 1:
-        return b"." + base64_encode(compressed)
-    return base64_encode(data)
+    """`URLSafeTimedSerializer.dump_payload(values)` without its compression: compact JSON in
+    URL-safe base64. itsdangerous compresses a payload when that makes it shorter, and reads
+    either form; compressing cost 15 to 35 µs a token (zlib sets up its state anew each time),
+    about a tenth of what sending a marketing mail costs, for links a dozen characters shorter."""
+    return base64_encode(_COMPACT_JSON.encode(values).encode("utf-8"))
 
 
 def _make(claims: ConfirmClaims | UnsubscribeClaims, salt: str, secret: str, now: datetime) -> str:
