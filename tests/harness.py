@@ -58,7 +58,11 @@ class Kafka:
 
     def records(self, topic: str) -> list[Any]:
         """Every record currently in `topic` (no consumer group: nothing is committed)."""
-        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, consumer_timeout_ms=300)
+        # A poll takes every record fetched: the embedded broker reports a partition's end offset
+        # as its last batch's first offset + 1, so reading stops once that batch is in, and a poll
+        # of at most 500 (kafka-python's default) left the rest of a large batch unread.
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, consumer_timeout_ms=300,
+                                 max_poll_records=1_000_000)
         try:
             partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
             consumer.assign(partitions)

@@ -3,13 +3,18 @@ waits) and its record batches."""
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from harness import Kafka, WorkerProcess, embedded_broker, event, unique
 from faust.types import TP
 from faust.types.tuples import ConsumerMessage
 from mode import Service
 
+from workers import envelope
+from workers.broker import free_port
 from workers.transport import Consumer, RecordBatch, records_of
 
 
@@ -76,7 +81,8 @@ async def test_an_error_in_a_delivery_propagates() -> None:
 class RecordingConsumer:
     """What a RecordBatch's final ack uses of faust's consumer: its unacked set and `ack`."""
 
-    def __init__(self) -> None:
+    def __init__(self, generation: int = 7) -> None:
+        self.app = SimpleNamespace(consumer_generation_id=generation)
         self.unacked: set = set()
         self.acked: list[int] = []
 
@@ -103,7 +109,49 @@ def test_a_batch_acknowledges_its_records_only_when_every_channel_is_done_with_i
     assert not batch.ack(consumer) and consumer.acked == [10, 11, 13]  # a second ack changes nothing
 
 
+def test_a_batch_fetched_before_a_rebalance_acknowledges_none_of_its_records() -> None:
+    # faust's stream skips an event of an older generation and acknowledges it unhandled.
+    batch = RecordBatch([consumer_message(offset) for offset in (10, 11)])
+    consumer = RecordingConsumer(generation=8)
+    consumer.unacked.add(batch)
+    batch.incref()
+    assert batch.ack(consumer) and consumer.acked == [] and batch not in consumer.unacked
+
+
 def test_an_event_carries_its_batch_or_its_one_record() -> None:
     records = [consumer_message(offset) for offset in (1, 2)]
     assert records_of(SimpleNamespace(message=RecordBatch(records))) == records
     assert records_of(SimpleNamespace(message=records[0])) == [records[0]]
+
+
+def test_a_stage_scaled_out_and_back_in_under_load_answers_every_record(tmp_path: Path) -> None:
+    """Batches are acknowledged only once handled: while partitions move to a second worker
+    and back, every checkout still gets its prompt (at least once)."""
+    tenant, published = unique("t"), []
+
+    def publish(kafka: Kafka, count: int) -> None:
+        for _ in range(count):
+            checkout = unique("co")
+            data = {"checkout": checkout, "event": "ev-1", "channel": "web", "contact": None, "language": "en"}
+            value = json.dumps(event("checkout.started", tenant, data, source="/shop/web")).encode()
+            kafka.producer.send(envelope.CHECKOUTS, key=f"{tenant}/~{checkout}".encode(), value=value)
+            published.append(checkout)
+        kafka.producer.flush()
+
+    with embedded_broker(partitions=4) as broker:
+        kafka = Kafka(broker.removeprefix("kafka://"))
+        first = WorkerProcess("prompts", broker, free_port(), tmp_path / "first").start()
+        second = WorkerProcess("prompts", broker, free_port(), tmp_path / "second")
+        try:
+            publish(kafka, 3000)
+            second.start()  # the group rebalances while the first worker is busy
+            publish(kafka, 3000)
+            first.stop()  # and again: the second worker takes every partition
+            publish(kafka, 3000)
+            prompted = kafka.wait_for(envelope.PROMPTS, tenant, lambda found: {p["data"]["checkout"] for p in found} >= set(published),
+                                      timeout=90, type_="checkout.prompted")
+            assert {p["data"]["checkout"] for p in prompted} == set(published)
+        finally:
+            first.stop()
+            second.stop()
+            kafka.close()

@@ -86,8 +86,12 @@ class RecordBatch(ConsumerMessage):
         with ack_lock:
             self.acked = True
             consumer.unacked.discard(self)
-            for record in self.records:
-                consumer.ack(record)
+            # A batch fetched before a rebalance and delivered after it is skipped unhandled, and
+            # a skipped event is acknowledged: its records must not be, or the commit passes them.
+            # The consumer reads them again from the committed offsets.
+            if self.generation_id == consumer.app.consumer_generation_id:
+                for record in self.records:
+                    consumer.ack(record)
         return True
 
 
@@ -189,21 +193,27 @@ class Consumer(aiokafka_driver.Consumer):
                     if since_yield > 100:
                         await asyncio.sleep(0)
                         since_yield = 0
-                    offset, last = message.offset, read_offset[tp]
+                    batch = batches.get(tp)
+                    offset, last = message.offset, batch[-1].offset if batch else read_offset[tp]
                     if last is not None and offset < last:
                         continue  # read before a seek back: faust drops it the same way
                     if last and offset - last > 1 and acks_enabled_for(message.topic):
                         await self._add_gap(tp, last + 1, offset)  # compacted away, or a control record
                     if tp.topic in batch_topics:
                         batches.setdefault(tp, []).append(message)
-                        read_offset[tp] = offset
                         continue
                     await self._commit_when_due()
                     await self.wait_first(deliver(message), self.suspend_flow.wait())
                     read_offset[tp] = offset
-                for records in batches.values():
+                for tp, records in batches.items():
+                    generation = records[0].generation_id
+                    if generation != self.app.consumer_generation_id:
+                        break  # fetched before a rebalance: read again from the committed offsets
                     await self._commit_when_due()
                     await self.wait_first(deliver(RecordBatch(records)), self.suspend_flow.wait())
+                    if generation != self.app.consumer_generation_id:
+                        break  # the rebalance came while delivering: its seek stands
+                    read_offset[tp] = records[-1].offset
                 self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
