@@ -25,7 +25,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 from faust.streams import _current_event
-from faust.types import EventT, Message
+from faust.types import Message
 
 from workers import envelope, schemas
 from workers.transport import BatchTopic, records_of
@@ -33,9 +33,6 @@ from workers.dedupe import SeenLog
 from workers.metrics import CONSUMED, DEAD_LETTERS, DUPLICATES, PRODUCED
 
 log = logging.getLogger(__name__)
-
-# How often a batch waiting for more records looks at its queue (see `Edge.subscribe`).
-LINGER_POLL_S = 0.005
 
 
 class Delivered:
@@ -85,13 +82,6 @@ async def _call(handler: RecordHandler, item: Accepted) -> list[envelope.Out]:
     if inspect.isawaitable(result):
         result = await result
     return list(result)
-
-
-async def _more_waiting(queue: asyncio.Queue, deadline: float) -> bool:
-    """Whether more events are queued, waiting until `deadline` if none are yet."""
-    while queue.empty() and monotonic() < deadline:
-        await asyncio.sleep(LINGER_POLL_S)
-    return not queue.empty()
 
 
 def _handler_error(exc: Exception) -> str:
@@ -174,21 +164,31 @@ class Edge:
         async def consume(stream: faust.StreamT) -> None:
             # Each event is a partition's records from one fetch (see workers/transport.py); they
             # are acknowledged here, once handled and their outputs acknowledged: at-least-once.
+            # A batch never waits for a next event beyond its deadline: a rebalance clears the
+            # queues and then waits for every event taken to be acknowledged.
             stream.enable_acks = False
-            queue = stream.channel.queue
-            events: list[EventT] = []
-            records: list[Delivered] = []
-            async for event in stream.events():
-                if not events:
+            events = stream.events().__aiter__()
+            upcoming = asyncio.ensure_future(events.__anext__())
+            try:
+                while True:
+                    taken = [await upcoming]
+                    records = [Delivered(message) for message in records_of(taken[0])]
                     deadline = monotonic() + self.batch_within_s
-                events.append(event)
-                records.extend(Delivered(message) for message in records_of(event))
-                if len(records) < self.batch_size and await _more_waiting(queue, deadline):
-                    continue
-                await self.process(records, on_record=on_record, on_batch=on_batch, on_tombstone=on_tombstone)
-                for handled in events:
-                    await stream.ack(handled)
-                events, records = [], []
+                    upcoming = asyncio.ensure_future(events.__anext__())
+                    while len(records) < self.batch_size:
+                        done, _ = await asyncio.wait({upcoming}, timeout=max(0.0, deadline - monotonic()))
+                        if not done:
+                            break
+                        taken.append(upcoming.result())
+                        records.extend(Delivered(message) for message in records_of(taken[-1]))
+                        upcoming = asyncio.ensure_future(events.__anext__())
+                    await self.process(records, on_record=on_record, on_batch=on_batch, on_tombstone=on_tombstone)
+                    for handled in taken:
+                        await stream.ack(handled)
+            except StopAsyncIteration:
+                return  # the stream has stopped; what was taken and not handled is read again
+            finally:
+                upcoming.cancel()
 
         consume.__name__ = consume.__qualname__ = f"{self.stage}_{name}"
         self.app.agent(channel, name=f"{self.stage}.{name}")(consume)
