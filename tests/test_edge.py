@@ -14,6 +14,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from workers import edge as edge_module
 from workers import envelope
 from workers.edge import Accepted, Edge, partition_of
+from workers.transport import App
 
 
 class EdgeRig:
@@ -26,7 +27,7 @@ class EdgeRig:
             self.produced.extend(outs)
 
         monkeypatch.setattr(edge_module, "produce", collect)
-        self.app = faust.App(f"edge-test-{id(self)}", store="memory://", autodiscover=False, topic_partitions=4)
+        self.app = App(f"edge-test-{id(self)}", fetch_max_wait_ms=50, store="memory://", autodiscover=False, topic_partitions=4)
         self.edge = Edge(self.app, "probe", batch_size=50, batch_within_s=0.01, dedupe_window=1000)
         self.edge.subscribe("orders", [envelope.ORDERS], on_record=handler)
         self.agent = self.app.agents["probe.orders"]
@@ -131,3 +132,8 @@ def test_stable_ids_are_the_uuid5_they_always_were() -> None:
         assert stable_id(name) == str(uuid.uuid5(uuid.NAMESPACE_URL, name))
     cause = {"tenant": "t1", "source": "/shop/web", "id": "evt-1"}
     assert derived_id(cause, "prompted") == str(uuid.uuid5(uuid.NAMESPACE_URL, "t1|/shop/web|evt-1|prompted"))
+    for number in range(200):
+        cause = {"tenant": f"t{number}", "source": "/shop/demo", "id": uuid.uuid4().hex}
+        suffix = f"changed/c-{number}/newsletter"
+        name = f"{cause['tenant']}|{cause['source']}|{cause['id']}|{suffix}"
+        assert derived_id(cause, suffix) == str(uuid.uuid5(uuid.NAMESPACE_URL, name))

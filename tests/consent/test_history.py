@@ -1,13 +1,10 @@
-"""The consent history table's pages, and the rules' own derived ids, without a broker."""
+"""The consent history table's pages, without a broker."""
 from __future__ import annotations
-
-import uuid
 
 import faust
 from aiokafka.partitioner import murmur2
 
 from workers.consent.app import HISTORY_PAGE, History
-from workers.consent.rules import derived_id
 
 PARTITIONS = 6
 
@@ -50,11 +47,3 @@ def test_an_entry_without_pages_reads_as_it_is_and_overflows_into_pages() -> Non
     assert found.changes(key) == [*older, {"n": "new"}]
     assert len(found.table.get(key)["changes"]) <= HISTORY_PAGE
     assert history("empty").changes(key) == []
-
-
-def test_derived_ids_are_the_uuid5_of_the_cause() -> None:
-    for number in range(200):
-        cause = {"tenant": f"t{number}", "source": "/shop/demo", "id": uuid.uuid4().hex}
-        suffix = f"changed/c-{number}/newsletter"
-        name = f"{cause['tenant']}|{cause['source']}|{cause['id']}|{suffix}"
-        assert derived_id(cause, suffix) == str(uuid.uuid5(uuid.NAMESPACE_URL, name))

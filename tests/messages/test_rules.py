@@ -1,13 +1,14 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import pytest
 
 from datetime import timedelta
 
-from workers.consent.tokens import UnsubscribeClaims, make_unsubscribe_token, read_unsubscribe_token
+from workers.consent.tokens import UnsubscribeClaims, read_unsubscribe_token
 from workers.envelope import COMMANDS, DELIVERIES, Out, make_event
 from workers.schemas import SchemaBook, schemas_dir
 from workers.messages.providers import EmailSend, ProviderResult, SmsSend
@@ -79,13 +80,14 @@ def test_a_marketing_message_gets_a_signed_one_click_unsubscribe_link(renderer: 
 def test_unsubscribe_links_are_the_consent_stages_own_tokens_whatever_the_moment(renderer: LayoutRenderer) -> None:
     # Every link carries the token the consent stage reads, whatever the moment or the secret.
     for minutes, request_id, secret in ((0, "req-1", LINKS.secret), (0, "req-2", LINKS.secret), (5, "req-1", LINKS.secret),
-                                         (5, "req-1", "other-secret"), (0, "req-1", LINKS.secret)):
+                                         (5, "req-1", "other-secret")):
         now = NOW + timedelta(minutes=minutes)
-        links = LINKS.__class__(secret=secret, base_url=LINKS.base_url)
-        send = plan(renderer, message_requested(request=request_id), now=now, links=links)
+        send = plan(renderer, message_requested(request=request_id), now=now, links=replace(LINKS, secret=secret))
         assert isinstance(send, EmailSend)
-        expected = make_unsubscribe_token(UnsubscribeClaims("t1", "c-42", "email", request_id), secret, now)
-        assert send.unsubscribe_url == f"{LINKS.base_url}/unsubscribe?token={quote(expected, safe='')}"
+        prefix = f"{LINKS.base_url}/unsubscribe?token="
+        assert send.unsubscribe_url.startswith(prefix)
+        token = unquote(send.unsubscribe_url.removeprefix(prefix))
+        assert read_unsubscribe_token(token, secret, None, now) == UnsubscribeClaims("t1", "c-42", "email", request_id)
 
 
 def test_a_service_message_has_no_unsubscribe_link(renderer: LayoutRenderer) -> None:

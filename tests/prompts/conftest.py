@@ -27,8 +27,7 @@ class PromptsDriver(StageDriver):
 
     def publish(self, records: list[tuple[str, str, dict[str, Any] | None]]) -> None:
         # A checkout does not wait for configuration published after it, so a test must.
-        if records:
-            self.publish_and_wait(records)
+        self.publish_and_wait(records)
 
     def configure(self, tenant: str, *configs: tuple[str, dict[str, Any]], events: dict[str, str | None] | None = None) -> None:
         """Config records (kind, data) and events (id -> opt-in set). Opt-in sets go last, once the
