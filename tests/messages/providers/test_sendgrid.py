@@ -113,11 +113,13 @@ async def test_a_name_that_is_also_in_the_layouts_own_text_still_arrives_exactly
     assert all(received[send.to][:3] == (send.subject, send.text, send.html) for send in sends)
 
 
+# 6,000 ASCII characters; 700 emoji, which JSON writes in twelve bytes each (in six, 700 would fit).
+@pytest.mark.parametrize("filler", ["x" * 6000, "\N{GRINNING FACE}" * 700])
 async def test_personal_values_beyond_sendgrids_substitution_limit_are_sent_as_they_are(
-    renderer: LayoutRenderer, standin: SendGridStandIn
+    renderer: LayoutRenderer, standin: SendGridStandIn, filler: str
 ) -> None:
     send = marketing_mails(renderer, 1)[0]
-    link = "https://usher.test/unsubscribe?token=" + "x" * 6000
+    link = "https://usher.test/unsubscribe?token=" + filler
     long = replace(send, text=f"Unsubscribe: {link}", html=f"<a href='{link}'>x</a>",
                    personal=(("vars.unsubscribe_url", link),))
 

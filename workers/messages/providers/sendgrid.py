@@ -94,8 +94,9 @@ _HTML_SPECIAL = frozenset("&<>'\"")
 
 def _over_substitution_limit(substitutions: dict[str, str]) -> bool:
     """Whether `len(json.dumps(substitutions).encode())` (SendGrid's count) is over the limit;
-    measured only when it could be (JSON writes a character in six bytes at most)."""
-    bound = sum(6 * (len(token) + len(value)) + 6 for token, value in substitutions.items()) + 2
+    measured only when it could be (JSON writes a character in twelve bytes at most: one beyond
+    the BMP, an emoji say, as two `\\uXXXX` escapes)."""
+    bound = sum(12 * (len(token) + len(value)) + 6 for token, value in substitutions.items()) + 2
     return bound > MAX_SUBSTITUTION_BYTES and len(json.dumps(substitutions).encode()) > MAX_SUBSTITUTION_BYTES
 
 
