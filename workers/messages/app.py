@@ -681,9 +681,6 @@ def request_for_test_send(tenant: str, definition: dict[str, Any], tenant_config
     return envelope.make_event("message.requested", tenant, data, source=TEST_SOURCE, id_=request)
 
 
-# Objects allocated between two young collections, at least. A batch of a thousand mails makes
-# many thousands, and with Python's 700 most of them outlive a collection or two (they live for
-# the batch), pile up as old objects and set off a full collection every few batches.
 def register(app: faust.App, ctx: StageContext) -> None:
     settings = ctx.settings
     renderer = LayoutRenderer()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -35,7 +34,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from sendgrid.helpers.eventwebhook import EventWebhook
 
-from workers.envelope import CALLBACKS, ID_PATTERN, Out, isotime, make_event, parse_time
+from workers.envelope import CALLBACKS, ID_PATTERN, Out, isotime, make_event, parse_time, stable_id
 from workers.messages.rules import callback_key
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ class WebhookRefused(Exception):
 
 def _event_id(provider: str, identity: str) -> str:
     """The same provider event gives the same CloudEvent id, so its repeats are dropped."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"usher:webhook:{provider}:{identity}"))
+    return stable_id(f"usher:webhook:{provider}:{identity}")
 
 
 def _id_or_none(value: Any) -> str | None:
