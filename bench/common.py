@@ -8,16 +8,34 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from itertools import islice
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from workers import demo
+from aiokafka import AIOKafkaProducer
+
+from workers import demo, envelope
+from workers.edge import produce_batches
 from workers.broker import free_port, start_broker, stop_broker, stop_process
 from workers.topics import create_topics
 
 PARTITIONS = int(os.environ.get("USHER_PARTITIONS", "6"))
+# Records a bench's load produces at once (a million requests are never all in memory).
+LOAD_CHUNK = 10_000
+
+
+async def load(bootstrap: str, outs: Iterable[envelope.Out]) -> None:
+    """Produce a bench's inputs, in order within each partition, and wait for them all."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024)
+    await producer.start()
+    try:
+        records = iter(outs)
+        while chunk := list(islice(records, LOAD_CHUNK)):
+            await produce_batches(producer, chunk)
+    finally:
+        await producer.stop()
 
 
 @contextmanager

@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-
-from bench.common import run_alone, stage_worker, wait_ready
+from bench.common import load, run_alone, stage_worker, wait_ready
 from tests.messages.sendgrid_standin import API_KEY, SendGridStandIn
 from workers import envelope
 
@@ -70,18 +69,9 @@ def request(number: int) -> envelope.Out:
     return envelope.Out(envelope.OUTBOX, envelope.key(TENANT, contact), event)
 
 
-async def load(bootstrap: str, count: int) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024)
-    await producer.start()
-    try:
-        settings = envelope.make_event("config.settings", TENANT, SETTINGS, source="/bench")
-        await producer.send_and_wait(envelope.CONFIG, key=f"{TENANT}/settings/default".encode(), value=envelope.dumps(settings))
-        for start in range(0, count, 10_000):
-            sends = [await producer.send(out.topic, key=out.key.encode(), value=out.value_bytes())
-                     for out in map(request, range(start, min(start + 10_000, count)))]
-            await asyncio.gather(*sends)
-    finally:
-        await producer.stop()
+def settings() -> envelope.Out:
+    event = envelope.make_event("config.settings", TENANT, SETTINGS, source="/bench")
+    return envelope.Out(envelope.CONFIG, envelope.key(TENANT, "settings", "default"), event)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -92,7 +82,7 @@ def peak_rss_mb(pid: int) -> float:
 
 
 async def measure(bootstrap: str, workdir: Path) -> dict[str, Any]:
-    await load(bootstrap, RECIPIENTS)
+    await load(bootstrap, chain([settings()], map(request, range(RECIPIENTS))))
     with CountingStandIn() as standin:
         env = {"USHER_STORE": "rocksdb://", "USHER_EMAIL_PROVIDER": "sendgrid", "USHER_SENDGRID_API_KEY": API_KEY,
                "USHER_SENDGRID_HOST": standin.host, "USHER_EMAIL_RATE_PER_S": "0"}

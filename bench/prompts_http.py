@@ -13,15 +13,14 @@ import re
 import statistics
 import subprocess
 import time
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiokafka import AIOKafkaProducer
 
-from bench.common import run_alone, stage_worker
+from bench.common import load, run_alone, stage_worker
 from workers import envelope
-from workers.edge import produce_batches
 from workers.shop import LANGUAGES, Shop
 
 TENANT = "bench-prompts-http"
@@ -41,17 +40,6 @@ def consent_status(number: int) -> envelope.Out:
     optins = {optin: {"status": rng.choice(STATUSES), "method": "checkout", "channel": "web"} for optin in ("newsletter", "sms-alerts")}
     event = envelope.make_event("consent.status", TENANT, {"contact": contact, "optins": optins}, source="/bench")
     return envelope.Out(envelope.CONSENT_STATE, envelope.contact_key(TENANT, contact), event)
-
-
-async def seed(bootstrap: str, contacts: int) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024)
-    await producer.start()
-    try:
-        await produce_batches(producer, Shop(tenant=TENANT).setup())
-        for start in range(0, contacts, 10_000):
-            await produce_batches(producer, [consent_status(n) for n in range(start, min(start + 10_000, contacts))])
-    finally:
-        await producer.stop()
 
 
 async def consumed(session: aiohttp.ClientSession, base: str, topic: str) -> float:
@@ -120,7 +108,7 @@ async def drive(session: aiohttp.ClientSession, base: str, contacts: int) -> tup
 
 
 async def measure(bootstrap: str, workdir: Path, contacts: int = CONTACTS) -> dict[str, Any]:
-    await seed(bootstrap, contacts)
+    await load(bootstrap, chain(Shop(tenant=TENANT).setup(), map(consent_status, range(contacts))))
     with stage_worker("prompts", bootstrap, workdir, "prompts-http", {"USHER_API_TOKENS": f"{TENANT}={TOKEN}"}) as (worker, port):
         base = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:

@@ -22,7 +22,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bench import consent_revoke, messages_send, prompts_http
-from bench.common import PARTITIONS, stage_worker
+from bench.common import PARTITIONS, load, stage_worker
 from workers import envelope
 from workers.edge import produce_batches
 from workers.broker import free_port, start_broker, stop_broker
@@ -78,16 +78,6 @@ STAGE_BENCHES = [
     StageBench("segments", envelope.CONTACTS_STATE, lambda shop: orders(shop, 20_000), lambda n: n),
     StageBench("messages", envelope.DELIVERIES, lambda shop: message_requests(shop, 20_000), lambda n: n),
 ]
-
-
-async def load(bootstrap: str, outs: list[envelope.Out]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024)
-    await producer.start()
-    try:
-        batch = [await producer.send(out.topic, key=out.key.encode(), value=out.value_bytes()) for out in outs]
-        await asyncio.gather(*batch)
-    finally:
-        await producer.stop()
 
 
 class OutputCounter:
@@ -150,22 +140,24 @@ async def measure_stage(bootstrap: str, bench: StageBench, workdir: Path) -> dic
     expected = bench.expected_outputs(len(inputs))
     outputs = OutputCounter(bootstrap, bench.output_topic, shop.tenant)
     await outputs.start()
-    with stage_worker(bench.stage, bootstrap, workdir, bench.stage) as (worker, _):
-        first_at = last_at = None
-        produced = 0
-        deadline = time.monotonic() + 300
-        # Done when every expected output is there, or nothing new came for a few seconds.
-        while produced < expected and time.monotonic() < deadline:
-            now_total = await outputs.poll()
-            if now_total > produced:
-                first_at = first_at or time.perf_counter()
-                last_at = time.perf_counter()
-                produced = now_total
-            elif last_at and time.perf_counter() - last_at > IDLE_S:
-                break
-            if worker.poll() is not None:
-                break
-    await outputs.stop()
+    try:
+        with stage_worker(bench.stage, bootstrap, workdir, bench.stage) as (worker, _):
+            first_at = last_at = None
+            produced = 0
+            deadline = time.monotonic() + 300
+            # Done when every expected output is there, or nothing new came for a few seconds.
+            while produced < expected and time.monotonic() < deadline:
+                now_total = await outputs.poll()
+                if now_total > produced:
+                    first_at = first_at or time.perf_counter()
+                    last_at = time.perf_counter()
+                    produced = now_total
+                elif last_at and time.perf_counter() - last_at > IDLE_S:
+                    break
+                if worker.poll() is not None:
+                    break
+    finally:
+        await outputs.stop()
     if not first_at or produced < 2 or last_at == first_at:
         return {"per_s": 0.0, "outputs": produced, "note": f"no outputs; see {workdir / bench.stage}.log"}
     return {"per_s": round(produced / (last_at - first_at), 1), "counts": f"{bench.output_topic} records", "outputs": produced,
