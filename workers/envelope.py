@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -56,6 +57,13 @@ def isotime(moment: datetime | None = None) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+@lru_cache(maxsize=4096)
+def isotime_of(moment: datetime) -> str:
+    """`isotime(moment)`, remembered: a batch writes its moment and a contact's marks many times."""
+    return isotime(moment)
+
+
+@lru_cache(maxsize=4096)  # a contact's marks and an input's time are read repeatedly
 def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 

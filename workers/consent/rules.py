@@ -30,7 +30,6 @@ import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import lru_cache
 from typing import Any, NamedTuple
 
 from workers.consent.tokens import (
@@ -50,8 +49,8 @@ from workers.envelope import (
     derived_id,
     make_event,
 )
-from workers.envelope import isotime as _isotime
-from workers.envelope import parse_time as _parse_time
+from workers.envelope import isotime_of
+from workers.envelope import parse_time
 
 SOURCE = "/usher/consent"
 # Commands written by the consent stage's customer pages.
@@ -166,18 +165,6 @@ def _present(**fields: Any) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if value is not None}
 
 
-@lru_cache(maxsize=4096)
-def parse_time(text: str) -> datetime:
-    """`envelope.parse_time`, remembered: a contact's marks and an input's time are read repeatedly."""
-    return _parse_time(text)
-
-
-@lru_cache(maxsize=4096)
-def isotime(moment: datetime) -> str:
-    """`envelope.isotime` of a given moment, remembered (`now` and `at` are written several times)."""
-    return _isotime(moment)
-
-
 def _event_key(event: Event) -> str:
     return f"{event['source']}|{event['id']}"
 
@@ -245,7 +232,7 @@ class _Contact:
             book.pop("doi", None)
         if moves_mark:
             book["mark"] = {"at": cause["time"], "event": _event_key(cause)}
-        when = isotime(at)
+        when = isotime_of(at)
         self.state["status"]["optins"][optin] = {
             "status": to,
             "method": how.method,
@@ -284,7 +271,7 @@ class _Contact:
             phone=person.get("phone"),
             language=person.get("language"),
             first_name=person.get("first_name"),
-            at=isotime(at),
+            at=isotime_of(at),
         )
 
     def start_doi(self, optin: str, cause: Event, at: datetime) -> None:
@@ -292,7 +279,7 @@ class _Contact:
         # `mails` lists every mail request of the cycle, so a redelivered input never mails twice.
         cycle: dict[str, Any] = {
             "request": request,
-            "pending_since": isotime(at),
+            "pending_since": isotime_of(at),
             "last_mail_at": None,
             "reminders": 0,
             "mails": [],
@@ -327,18 +314,18 @@ class _Contact:
                 "optin": optin,
                 "optin_text": optin_text(self.optins.get(optin, {}), language, self.policy.default_language),
                 "first_name": reach.get("first_name"),
-                "expires_at": isotime(expires_at),
+                "expires_at": isotime_of(expires_at),
             },
         }
         cycle["mails"].append(request)
-        cycle["last_mail_at"] = isotime(self.now)
+        cycle["last_mail_at"] = isotime_of(self.now)
         # Without an address there is nobody to mail; the cycle still runs its course to expiry,
         # so the next checkout asks again.
         if reach.get("email"):
             self.mails.append(Out(OUTBOX, self.key, self._event("message.requested", data, request)))
 
     def _event(self, type_: str, data: dict[str, Any], id_: str) -> dict[str, Any]:
-        return make_event(type_, self.tenant, data, source=SOURCE, id_=id_, time=isotime(self.now))
+        return make_event(type_, self.tenant, data, source=SOURCE, id_=id_, time=isotime_of(self.now))
 
     def result(self) -> tuple[dict[str, Any], list[Out]]:
         """The new state and what to produce: the log records, the contact's full statuses when
@@ -611,8 +598,8 @@ def confirm_command(claims: ConfirmClaims, ip: str | None, user_agent: str | Non
     """The `consent.confirm` a POST on the confirmation page publishes."""
     data = _present(contact=claims.contact, optin=claims.optin, request=claims.request, ip=ip, user_agent=user_agent)
     # A double click within the same millisecond is one command; a later click is its own record.
-    id_ = derived_id(_origin(claims.tenant, WEB_SOURCE, claims.request), f"confirm/{isotime(now)}")
-    event = make_event("consent.confirm", claims.tenant, data, source=WEB_SOURCE, id_=id_, time=isotime(now))
+    id_ = derived_id(_origin(claims.tenant, WEB_SOURCE, claims.request), f"confirm/{isotime_of(now)}")
+    event = make_event("consent.confirm", claims.tenant, data, source=WEB_SOURCE, id_=id_, time=isotime_of(now))
     return Out(COMMANDS, contact_key(claims.tenant, claims.contact), event)
 
 
@@ -632,7 +619,7 @@ def unsubscribe_commands(
             user_agent=user_agent,
             request=claims.request,
         )
-        id_ = derived_id(_origin(claims.tenant, WEB_SOURCE, claims.request), f"unsubscribe/{optin}/{isotime(now)}")
-        event = make_event("consent.revoke", claims.tenant, data, source=WEB_SOURCE, id_=id_, time=isotime(now))
+        id_ = derived_id(_origin(claims.tenant, WEB_SOURCE, claims.request), f"unsubscribe/{optin}/{isotime_of(now)}")
+        event = make_event("consent.revoke", claims.tenant, data, source=WEB_SOURCE, id_=id_, time=isotime_of(now))
         outs.append(Out(COMMANDS, contact_key(claims.tenant, claims.contact), event))
     return outs

@@ -20,13 +20,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from functools import lru_cache
 from itertools import islice
 from typing import Any
 
 from workers.consent.rules import Links, unsubscribe_commands
 from workers.consent.tokens import UNSUBSCRIBE_PATH, UnsubscribeClaims, link, make_unsubscribe_token
-from workers.envelope import DELIVERIES, Out, derived_id, isotime, key, make_event, parse_time, stable_id
+from workers.envelope import DELIVERIES, Out, derived_id, isotime, isotime_of, key, make_event, parse_time, stable_id
 from workers.messages.providers import EmailSend, ProviderResult, SmsSend, e164
 from workers.messages.render import (
     SAMPLE_CONTACT,
@@ -273,21 +272,15 @@ def request_status_id(tenant: str, request: str, status: str) -> str:
 
 
 def failed_status(request: Mapping[str, Any], error: str, now: datetime) -> Out:
-    return delivery_status(request, "failed", at=_moment(now), error=error)
+    return delivery_status(request, "failed", at=isotime_of(now), error=error)
 
 
 def result_status(request: Mapping[str, Any], result: ProviderResult, now: datetime) -> Out:
     """What a provider answered for a request: sent, failed or unknown."""
     return delivery_status(
-        request, result.status, at=_moment(now), provider=result.provider, provider_id=result.provider_id,
+        request, result.status, at=isotime_of(now), provider=result.provider, provider_id=result.provider_id,
         error=result.error,
     )
-
-
-@lru_cache(maxsize=8)
-def _moment(now: datetime) -> str:
-    """`isotime(now)`: a batch's statuses share their moment, written once."""
-    return isotime(now)
 
 
 def _order_count(request_vars: Mapping[str, Any]) -> int:
