@@ -124,8 +124,10 @@ def sns() -> Iterator[SnsStandIn]:
 @pytest.fixture(scope="module")
 def tracking(own_broker: str, own_kafka: Kafka, sendgrid: StandIn, sns: SnsStandIn, moto_endpoint: str,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[MessagesDriver]:
-    """`usher worker messages` sending e-mail through the SendGrid stand-in and SMS through moto's SNS."""
+    """`usher worker messages` sending e-mail through the SendGrid stand-in and SMS through moto's SNS,
+    on the production store (RocksDB, kept across the tests' restarts and crashes)."""
     env = {
+        "USHER_STORE": "rocksdb://",
         "USHER_API_TOKENS": f"{TENANT}={TOKEN}",
         "USHER_SECRET": "test-secret",
         "USHER_EMAIL_PROVIDER": "sendgrid",

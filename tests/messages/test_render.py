@@ -338,3 +338,92 @@ def test_attributes_of_dicts_resolve_as_in_jinjas_own_sandbox(expression: str) -
             render._budget.reset(token)
 
     assert outcome(rendered) == expected
+
+
+# Recipients of one message: escaping, empty values, a name that is also in the layout's own text
+# ("Venue" is the sender), one that looks like a token, one that is a prefix of another.
+RECIPIENTS = [("Ann", "Peeters"), ("Bob", "O'Brien & <Sons>"), ("", "Janssens"), ("Venue", "Keeper"),
+              ("Zoë", ""), ("%usher:contact.first_name:h%", "x"), ('"Q"', "Smith"), ("An", "Peeters")]
+PERSONAL = frozenset({"contact.first_name", "contact.last_name", "contact.name", "contact.email", "contact.phone",
+                      "unsubscribe_url", "confirm_url"})
+
+
+def recipient_variables(language: str, first: str, last: str) -> dict[str, Any]:
+    return layout_variables(
+        language=language,
+        contact={"first_name": first, "last_name": last, "email": f"{first or 'x'}@example.com", "phone": ""},
+        event=render.SAMPLE_EVENT, sender=render.SAMPLE_SENDER, custom_text="Doors open at 19:00 & not before",
+        extra={**SAMPLE_VARS, "unsubscribe_url": f"https://usher.example/unsubscribe?token={first}&x=1",
+               "confirm_url": f"https://usher.example/doi/confirm?token={last}"},
+    )
+
+
+def assert_rendered_once_is_rendered_alone(renderer: LayoutRenderer, render_for: Any) -> list[render.Rendered]:
+    """Each recipient's mail, rendered once for all of them (personal values as tokens), is
+    exactly the mail rendered for them alone; its factored bodies give the same mail back."""
+    outs = []
+    for first, last in RECIPIENTS:
+        once = render_for(renderer, first, last, PERSONAL)
+        alone = render_for(LayoutRenderer(), first, last, frozenset())
+        assert (once.subject, once.html, once.text, once.segments) == (alone.subject, alone.html, alone.text, alone.segments)
+        if once.factored is not None:
+            html, text, substitutions = once.factored
+            assert (render.substitute(html, substitutions), render.substitute(text, substitutions)) == (alone.html, alone.text)
+        outs.append(once)
+    return outs
+
+
+@pytest.mark.parametrize("channel", ["email", "sms"])
+@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize("layout_id", LAYOUTS)
+def test_a_default_layout_rendered_once_for_many_recipients_gives_each_their_own_mail(
+    layout_id: str, language: str, channel: str
+) -> None:
+    def render_for(renderer: LayoutRenderer, first: str, last: str, personal: frozenset[str]) -> render.Rendered:
+        return renderer.render("t1", layout_id, channel, [language], lambda lang: recipient_variables(lang, first, last),
+                               personal=personal)
+
+    outs = assert_rendered_once_is_rendered_alone(LayoutRenderer(), render_for)
+    if layout_id == "event-message" and channel == "email":
+        # The mail a message goes out as: one body for all recipients with a first name.
+        with_name = [out.factored[0] for out, (first, _) in zip(outs, RECIPIENTS) if first and "%usher" not in first]
+        assert all(out.factored is not None for out in outs[:5]) and len(set(with_name)) == 1
+
+
+@pytest.mark.parametrize(("source", "plain"), [
+    ("Hi {{ contact.first_name }}, {% if not contact.last_name %}no surname{% else %}{{ contact.last_name }}{% endif %}", True),
+    ("{{ 'Dear ' if contact.first_name else 'Hello' }} {{ contact.name }} {% if unsubscribe_url is defined %}{{ unsubscribe_url }}{% endif %}", True),
+    ("{% for ticket in orders %}{{ contact.first_name }}: {{ ticket }} {% endfor %}", True),
+    ("{{ contact.first_name|upper }}", False),
+    ("{% if contact.first_name == 'Ann' %}Hi Ann{% endif %}{{ contact.first_name }}", False),
+    ("{{ contact }}", False),
+    ("{{ contact.items()|list|length }} {{ contact.first_name }}", False),
+    ("{{ unsubscribe_url.upper() }}", False),
+    ("{% set name = contact.first_name %}{{ name|length }}", False),
+    ("{% for letter in contact.first_name %}{{ letter }}.{% endfor %}", False),
+    ("{{ contact.first_name ~ '!' }}", False),
+    ("{{ contact.name or 'friend' }}", False),
+    ("{% macro hello() %}{{ contact.first_name }}{% endmacro %}{{ hello()|upper }}", False),
+    ("{% filter upper %}{{ contact.first_name }}{% endfilter %}", False),
+    ("{% autoescape false %}{{ contact.last_name }}{% endautoescape %}", False),
+    ("%usher:contact.first_name:h% {{ contact.first_name }}", False),
+])
+def test_a_tenant_layout_is_rendered_once_only_when_it_uses_personal_values_plainly(source: str, plain: bool) -> None:
+    layout = email(subject="For {{ contact.first_name }}", html=source, text=source)
+
+    def render_for(renderer: LayoutRenderer, first: str, last: str, personal: frozenset[str]) -> render.Rendered:
+        return render_custom(renderer, layout, recipient_variables("en", first, last)) if not personal else renderer.render(
+            "t1", "custom", "email", ["en"], lambda lang: recipient_variables(lang, first, last), layout, personal=personal)
+
+    outs = assert_rendered_once_is_rendered_alone(LayoutRenderer(), render_for)
+    assert (outs[0].factored is not None) is plain
+
+
+def test_a_service_mail_without_an_unsubscribe_link_is_rendered_once_too(renderer: LayoutRenderer) -> None:
+    variables = recipient_variables("en", "Ann", "Peeters")
+    del variables["unsubscribe_url"]
+
+    once = renderer.render("t1", "event-message", "email", ["en"], lambda _: variables, personal=PERSONAL)
+
+    assert once.factored is not None and "nsubscribe" not in once.text
+    assert once.text == LayoutRenderer().render("t1", "event-message", "email", ["en"], lambda _: variables).text

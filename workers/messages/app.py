@@ -46,7 +46,7 @@ import aiohttp
 import faust
 import orjson
 from faust.stores import rocksdb as faust_rocksdb
-from faust.stores.base import SerializedStore
+from faust.streams import current_event
 from faust.utils import json as faust_json
 from faust.types import TP
 from faust.web import Request, Response, View
@@ -238,23 +238,33 @@ class BatchedTable(faust.Table):
         self._changes[self.partition_for_key(key)][key] = value
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        store = self.data
-        if isinstance(store, SerializedStore) and self.key_serializer == self.value_serializer == "json":
+        db = self._partition_db()
+        if db is None:
+            super().__setitem__(key, value)
+        else:
             # faust's own path, less its serializer registry: the same bytes, straight to the store.
             self.on_key_set(key, value)
-            store._set(_json_bytes(key), _json_bytes(value))
-        else:
-            super().__setitem__(key, value)
+            db.put(_json_bytes(key), _json_bytes(value))
 
     def value(self, key: Any) -> Any:
         """`self.get(key)` (None when missing) with one store lookup: faust's `get` looks a key up
         twice (`in`, then the value) and raises and catches a KeyError for a missing one."""
-        store = self.data
-        if not isinstance(store, SerializedStore):
+        db = self._partition_db()
+        if db is None:
             return self.get(key)
         self.on_key_get(key)
-        raw = store._get(store._encode_key(key))
-        return None if raw is None else store._decode_value(raw)
+        raw = db.get(_json_bytes(key))
+        return None if raw is None else self.data._decode_value(raw)
+
+    def _partition_db(self) -> Any:
+        """The RocksDB of the current record's partition, as faust's store reads and writes it
+        within a record's context, less the key index it keeps (an LRU behind a lock, costing
+        more than the lookup): the stage reads its keys in their records' context. None outside
+        a record's context, for another store, or another serializer than json."""
+        store, event = self.data, current_event()
+        if event is None or not (isinstance(store, faust_rocksdb.Store) and self.key_serializer == self.value_serializer == "json"):
+            return None
+        return store._db_for_partition(event.message.partition)
 
     def _encoders(self) -> tuple[Callable[[Any], bytes], Callable[[Any], bytes]]:
         """How changelog keys and values are encoded: for the `json` serializer straight through

@@ -14,10 +14,18 @@ left out; `join` and `replace` check their result's size before they build it.
 Every layout part is compiled once: defaults are shared by all tenants, a
 tenant's own layout is cached under its tenant and recompiled when its source
 changes. Rendering a compiled part costs tens of microseconds.
+
+One message goes to many recipients, and their mails differ only in their own
+values (name, address, unsubscribe link). When a part uses each of those only
+plainly (printed as it is, or tested for truth or definedness), it is rendered
+once per message with a token in each value's place, and every recipient's
+mail is that rendering with the tokens replaced (see `_variable_uses`). The
+tokens also let a provider send one body with substitutions (SendGrid).
 """
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -28,13 +36,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from babel.dates import format_date, format_time
 from babel import Locale, UnknownLocaleError
-from jinja2 import DictLoader, StrictUndefined, Template, TemplateSyntaxError, nodes, pass_context, pass_eval_context
+from jinja2 import DictLoader, StrictUndefined, Template, TemplateError, TemplateSyntaxError, nodes, pass_context, pass_eval_context
 from jinja2.filters import FILTERS
 from jinja2.nodes import EvalContext
 from jinja2.runtime import Context, markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from jinja2.visitor import NodeTransformer
 from markupsafe import Markup, escape
+import orjson
 
 from workers.envelope import ID_PATTERN, parse_time
 
@@ -95,6 +104,18 @@ class RenderError(Exception):
     """A layout that cannot be rendered; the message says why, for a person to read."""
 
 
+# A recipient's own value in a part rendered for many recipients: `{TOKEN_MARK}{variable}:h%` in
+# HTML (where the value goes in escaped), `...:t%` in text.
+TOKEN_MARK = "%usher:"
+
+# (html, text, substitutions): an e-mail's bodies with tokens, and each token's value.
+Factored = tuple[str, str, dict[str, str]]
+
+
+def personal_token(variable: str, html: bool) -> str:
+    return f"{TOKEN_MARK}{variable}:{'h' if html else 't'}%"
+
+
 @dataclass(frozen=True, slots=True)
 class Rendered:
     language: str
@@ -103,6 +124,8 @@ class Rendered:
     text: str
     segments: int | None
     encoding: str | None
+    # An e-mail rendered once for many recipients: its bodies with tokens (see `render`).
+    factored: Factored | None = None
 
 
 def sms_segments(text: str) -> tuple[int, str]:
@@ -461,19 +484,21 @@ class _LayoutEnvironment(ImmutableSandboxedEnvironment):
 _DICT_ATTRIBUTES = frozenset(dir(dict))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # compared by identity: a key of the renderer's caches
 class _Compiled:
     """A compiled part, with what every render of it needs made once: its globals, as
-    `Template.render` copies them into each new context (from a ChainMap, every time)."""
+    `Template.render` copies them into each new context (from a ChainMap, every time);
+    and how it uses its variables (`_variable_uses`, None: in ways that are not plain)."""
 
     source: str
     template: Template
     globals: dict[str, Any]
     globals_keys: frozenset[str]
+    uses: dict[str, frozenset[str]] | None = None
 
     @classmethod
-    def of(cls, source: str, template: Template) -> _Compiled:
-        return cls(source, template, dict(template.globals), frozenset(template.globals))
+    def of(cls, source: str, template: Template, uses: dict[str, frozenset[str]] | None = None) -> _Compiled:
+        return cls(source, template, dict(template.globals), frozenset(template.globals), uses)
 
     def render(self, variables: Mapping[str, Any]) -> str:
         """`template.render(variables)`, less the copies: the same context, the same output."""
@@ -491,6 +516,156 @@ def _check_product(left: Any, right: Any, budget: _Budget) -> None:
     sequence, times = (left, right) if isinstance(right, int) else (right, left)
     if isinstance(times, int) and isinstance(sequence, (str, list, tuple)):
         budget.spend(_size(sequence, budget.chars + 1) * max(times, 0))
+
+
+PRINTED, TESTED, OTHER = "printed", "tested", "other"
+# Nodes whose output does not go straight into the part (a macro's or a block's result can be
+# filtered), or that change how it is escaped: a part holding one is rendered for each recipient.
+_NOT_PLAIN_NODES = (nodes.Macro, nodes.CallBlock, nodes.FilterBlock, nodes.AssignBlock, nodes.Include,
+                    nodes.EvalContextModifier, nodes.OverlayScope)
+# Names that reach rendered output or the context as a whole.
+_NOT_PLAIN_NAMES = frozenset({"self", "super", "caller", "varargs", "kwargs"})
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _variable_uses(template: nodes.Template, parent_source: Callable[[str], str]) -> dict[str, frozenset[str]] | None:
+    """How a parsed part (with the templates it extends) uses each variable path it names
+    (`contact.first_name`, `unsubscribe_url`): PRINTED (output as it is), TESTED (only its truth
+    or definedness counts: `{% if x %}`, `x is defined`, `not x`) or OTHER. None when the part
+    does anything that makes output other than plain (see `_NOT_PLAIN_NODES`).
+
+    When every use of a value is PRINTED or TESTED, the part's output is its output with the
+    value replaced by a token of the same truth, with each token then replaced by the value
+    (escaped in HTML, as autoescape would): what the value is decides nothing else."""
+    uses: dict[str, set[str]] = defaultdict(set)
+
+    def use(path: str, reference: nodes.Node, parent: nodes.Node | None) -> None:
+        if isinstance(parent, nodes.Output):
+            uses[path].add(PRINTED)
+        elif (isinstance(parent, (nodes.If, nodes.CondExpr)) and parent.test is reference) or isinstance(parent, nodes.Not) or (
+            isinstance(parent, nodes.Test) and parent.name in ("defined", "undefined")
+        ):
+            uses[path].add(TESTED)
+        else:
+            uses[path].add(OTHER)
+
+    def visit(node: nodes.Node, parent: nodes.Node | None) -> None:
+        if isinstance(node, _NOT_PLAIN_NODES) or (isinstance(node, (nodes.Import, nodes.FromImport)) and node.with_context):
+            raise _NotPlain
+        if isinstance(node, nodes.Extends):
+            if not isinstance(node.template, nodes.Const) or not isinstance(node.template.value, str):
+                raise _NotPlain
+            visit(_PARSER.parse(parent_source(node.template.value)), node)
+            return
+        if isinstance(node, nodes.Getattr) and isinstance(node.node, nodes.Name) and node.node.ctx == "load":
+            if node.node.name in _NOT_PLAIN_NAMES:
+                raise _NotPlain
+            # `a_dict.items` is the dict's method: a use of the whole dict.
+            use(node.node.name if node.attr in _DICT_ATTRIBUTES else f"{node.node.name}.{node.attr}", node, parent)
+            return
+        if isinstance(node, nodes.Name) and node.ctx == "load":
+            if node.name in _NOT_PLAIN_NAMES:
+                raise _NotPlain
+            use(node.name, node, parent)
+            return
+        for child in node.iter_child_nodes():
+            visit(child, node)
+
+    try:
+        visit(template, None)
+    except (_NotPlain, TemplateError):  # TemplateError: a parent that cannot be found or parsed
+        return None
+    return {path: frozenset(kinds) for path, kinds in uses.items()}
+
+
+# Parses the templates a part extends, for `_variable_uses` (the syntax is the layouts' own).
+_PARSER = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+# A rendering's key cannot be told (a value that is not JSON, a path through a non-mapping).
+_MISSING = object()
+_ABSENT = object()
+# Layouts' plans and renderings with tokens kept (one rendering per message and language, normally).
+RENDERINGS_KEPT = 256
+
+# A variable path split for lookups: (path, root, name or "").
+_Path = tuple[str, str, str]
+# A layout's parts rendered with tokens: part -> (text, (variable, token) pairs it holds).
+_Tokened = dict[str, tuple[str, tuple[tuple[str, str], ...]]]
+
+
+def _lookup(variables: Mapping[str, Any], root: str, name: str) -> Any:
+    """The value at `root.name` (or `root`): _ABSENT when there is none, _MISSING when the path
+    goes through something other than a plain dict (what a layout sees there is no key's value)."""
+    value = variables.get(root, _ABSENT)
+    if name and value is not _ABSENT:
+        if type(value) is not dict:
+            return _MISSING
+        value = value.get(name, _ABSENT)
+    return value
+
+
+def _value_key(value: Any) -> Any:
+    """A value as part of a rendering's key."""
+    if value is _MISSING or value is _ABSENT:
+        return value
+    if value is None or type(value) in (str, int, float, bool):
+        return (type(value), value)  # typed: 1, 1.0 and True print differently
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return _MISSING
+
+
+def _token_plan(uses: Iterable[dict[str, frozenset[str]] | None], personal: frozenset[str]) -> tuple[tuple[_Path, ...], tuple[_Path, ...]] | None:
+    """(the personal variables a layout's parts use, the other variables they use), or None when
+    a part uses a personal value other than plainly, or a personal value's container or attribute."""
+    merged: dict[str, set[str]] = defaultdict(set)
+    for part_uses in uses:
+        if part_uses is None:
+            return None
+        for path, kinds in part_uses.items():
+            merged[path].update(kinds)
+    containers = {path.partition(".")[0] for path in personal}
+    mine, others = [], []
+    for path, kinds in merged.items():
+        split = (path, *path.partition(".")[::2])
+        if path in personal:
+            if OTHER in kinds:
+                return None
+            mine.append(split)
+        elif path in containers or split[1] in personal:
+            return None
+        else:
+            others.append(split)
+    return tuple(mine), tuple(others)
+
+
+def _fill_in(tokened: _Tokened, values: Mapping[str, str]) -> tuple[dict[str, str], Factored | None]:
+    """One recipient's parts from the renderings with tokens, and an e-mail's factored bodies."""
+    escaped = {path: str(escape(value)) for path, value in values.items()}
+    parts, substitutions = {}, {}
+    for part, (text, held) in tokened.items():
+        own = {token: (escaped if part == "html" else values)[path] for path, token in held}
+        parts[part] = substitute(text, own)
+        if part != "subject":  # a subject goes out filled in
+            substitutions.update(own)
+    factored = (tokened["html"][0], tokened["text"][0], substitutions) if "html" in tokened else None
+    return parts, factored
+
+
+def substitute(text: str, substitutions: Mapping[str, str]) -> str:
+    """Each token replaced by its value (as SendGrid does with a personalization's substitutions).
+    No value holds a token, so the order does not matter."""
+    for token, value in substitutions.items():
+        text = text.replace(token, value)
+    return text
+
+
+def _where(cache_key: tuple[str, str, str, str, str]) -> str:
+    _, layout_id, channel, language, part = cache_key
+    return f"{channel} layout {layout_id!r} ({language}, {part})"
 
 
 def _shared_templates(directory: Path) -> dict[str, str]:
@@ -525,6 +700,9 @@ class LayoutRenderer:
         self._text_env = _LayoutEnvironment(autoescape=False, shared={})
         self._html_env = _LayoutEnvironment(autoescape=True, shared=_shared_templates(directory))
         self._compiled: dict[tuple[str, str, str, str, str], _Compiled] = {}
+        # By the layout's compiled parts and personal variables (see `_tokened`).
+        self._plans: dict[tuple[tuple[_Compiled, ...], frozenset[str]], tuple[tuple[_Path, ...], tuple[_Path, ...]] | None] = {}
+        self._renders: dict[tuple[Any, ...], _Tokened | None] = {}
 
     def layout_for(self, layout_id: str, channel: str, override: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
         """The tenant's own layout when it has one for this channel, else the default."""
@@ -540,9 +718,15 @@ class LayoutRenderer:
         languages: Sequence[str],
         variables_for: Callable[[str], Mapping[str, Any]],
         override: Mapping[str, Any] | None = None,
+        personal: frozenset[str] = frozenset(),
     ) -> Rendered:
         """Renders the first of `languages` the layout has, with the variables
-        `variables_for(language)` gives for that language. Raises RenderError."""
+        `variables_for(language)` gives for that language. Raises RenderError.
+
+        `personal` names the variables that differ from one recipient of a message to the next
+        (`contact.first_name`, `unsubscribe_url`): when every part uses them plainly, the parts are
+        rendered once for all recipients alike and filled in (see `_variable_uses`), and an
+        e-mail's `factored` holds its bodies with tokens."""
         layout = self.layout_for(layout_id, channel, override)
         if layout is None:
             raise RenderError(f"there is no {channel} layout {layout_id!r}")
@@ -552,19 +736,24 @@ class LayoutRenderer:
             raise RenderError(f"the {channel} layout {layout_id!r} has none of the languages {', '.join(languages)}")
         owner = tenant if layout is override else ""  # defaults are compiled once for all tenants
         variables = variables_for(language)
-        parts = {
-            part: self._render_part((owner, layout_id, channel, language, part), sources[language].get(part), variables)
-            for part in PARTS[channel]
-        }
+        compiled = {part: self._part((owner, layout_id, channel, language, part), sources[language].get(part)) for part in PARTS[channel]}
+        filled_in = self._tokened(compiled, variables, personal) if personal else None
+        if filled_in is None:
+            parts = {part: self._render_part(compiled_part, variables) for part, compiled_part in compiled.items()}
+            factored = None
+        else:
+            parts, factored = filled_in
         if channel == "sms":
             text = parts["text"].strip()
             segments, encoding = sms_segments(text)
             return Rendered(language, None, None, text, segments, encoding)
-        return Rendered(language, " ".join(parts["subject"].split()), parts["html"], parts["text"], None, None)
+        return Rendered(language, " ".join(parts["subject"].split()), parts["html"], parts["text"], None, None, factored)
 
     def forget(self, tenant: str, layout_id: str) -> None:
         for cache_key in [k for k in self._compiled if k[0] == tenant and k[1] == layout_id]:
             del self._compiled[cache_key]
+        self._plans.clear()  # they hold the forgotten parts
+        self._renders.clear()
 
     def compile_layout(self, data: Mapping[str, Any]) -> str | None:
         """Why a tenant's `config.layout` cannot be used, or None when it can.
@@ -588,29 +777,99 @@ class LayoutRenderer:
             variables = sample_variables(language)
             for part in PARTS[channel]:
                 try:
-                    self._run(_Compiled.of(sources[part], self._compile(part, sources[part])), variables)
+                    self._run(_Compiled.of(sources[part], self._compile(part, sources[part])[0]), variables)
                 except RenderError as error:
                     return f"language {language!r}, {part}: {error}"
         return None
 
-    def _render_part(self, cache_key: tuple[str, str, str, str, str], source: str | None, variables: Mapping[str, Any]) -> str:
-        owner, layout_id, channel, language, part = cache_key
-        where = f"{channel} layout {layout_id!r} ({language}, {part})"
+    def _part(self, cache_key: tuple[str, str, str, str, str], source: str | None) -> tuple[tuple[str, str, str, str, str], _Compiled]:
+        """The compiled part (compiled now if new or changed), with its cache key."""
         if source is None:
-            raise RenderError(f"{where} is missing")
+            raise RenderError(f"{_where(cache_key)} is missing")
         cached = self._compiled.get(cache_key)
-        try:
-            if cached is None or cached.source != source:
-                cached = self._compiled[cache_key] = _Compiled.of(source, self._compile(part, source))
-            return self._run(cached, variables)
-        except RenderError as error:
-            raise RenderError(f"{where}: {error}") from None
+        if cached is None or cached.source != source:
+            try:
+                template, uses = self._compile(cache_key[4], source)
+            except RenderError as error:
+                raise RenderError(f"{_where(cache_key)}: {error}") from None
+            cached = self._compiled[cache_key] = _Compiled.of(source, template, uses)
+        return cache_key, cached
 
-    def _compile(self, part: str, source: str) -> Template:
+    def _render_part(self, part: tuple[tuple[str, str, str, str, str], _Compiled], variables: Mapping[str, Any]) -> str:
+        cache_key, compiled = part
+        try:
+            return self._run(compiled, variables)
+        except RenderError as error:
+            raise RenderError(f"{_where(cache_key)}: {error}") from None
+
+    def _tokened(
+        self, compiled: Mapping[str, tuple[tuple[str, str, str, str, str], _Compiled]], variables: Mapping[str, Any], personal: frozenset[str]
+    ) -> tuple[dict[str, str], Factored | None] | None:
+        """The parts filled in from their renderings with tokens, and an e-mail's factored
+        bodies; None when a part is not plain (it is then rendered as usual)."""
+        entries = tuple(entry for _, entry in compiled.values())
+        plan = self._plans.get((entries, personal), _MISSING)
+        if plan is _MISSING:
+            if len(self._plans) >= RENDERINGS_KEPT:
+                self._plans.clear()
+            plan = self._plans[(entries, personal)] = _token_plan((entry.uses for entry in entries), personal)
+        if plan is None:
+            return None
+        personal_paths, other_paths = plan
+        values = {}  # the truthy personal values, which tokens stand in for
+        states = []
+        for path, root, name in personal_paths:
+            value = _lookup(variables, root, name)
+            if value is _ABSENT or not value:  # absent or falsy: rendered as it is
+                states.append(_value_key(value))
+            elif type(value) is str:
+                values[path] = value
+                states.append(True)
+            else:  # _MISSING, or a value that is no text: its token would not print as it does
+                return None
+        others = tuple(_value_key(_lookup(variables, root, name)) for _, root, name in other_paths)
+        if _MISSING in others:
+            return None
+        render_key = (entries, tuple(states), others)
+        tokened = self._renders.get(render_key, _MISSING)
+        if tokened is _MISSING:
+            if len(self._renders) >= RENDERINGS_KEPT:
+                self._renders.clear()
+            tokened = self._renders[render_key] = self._render_tokened(compiled, variables, values)
+        if tokened is None:
+            return None
+        return _fill_in(tokened, values)
+
+    def _render_tokened(
+        self, compiled: Mapping[str, tuple[tuple[str, str, str, str, str], _Compiled]], variables: Mapping[str, Any],
+        values: Mapping[str, str],
+    ) -> _Tokened | None:
+        """Each part rendered with a token in place of each of `values` (by variable), with the
+        tokens it holds; None when a part holds the token mark otherwise."""
+        tokened = {}
+        for part, compiled_part in compiled.items():
+            html = part == "html"
+            with_tokens = dict(variables)
+            tokens = {}
+            for path in values:
+                token = tokens[path] = personal_token(path, html)
+                root, _, name = path.partition(".")
+                with_tokens[root] = {**with_tokens[root], name: token} if name else token
+            text = self._render_part(compiled_part, with_tokens)
+            held = tuple((path, token) for path, token in tokens.items() if token in text)
+            if text.count(TOKEN_MARK) != sum(text.count(token) for _, token in held):
+                return None  # the mark in the layout's own text, or in a value: tokens would not be exact
+            tokened[part] = (text, held)
+        return tokened
+
+    def _compile(self, part: str, source: str) -> tuple[Template, dict[str, frozenset[str]] | None]:
+        """The compiled part, and how it uses its variables (`_variable_uses`)."""
         html = part == "html"
+        env = self._html_env if html else self._text_env
         source = CUSTOMTEXT.sub("{{ custom_text|nl2br }}" if html else "{{ custom_text }}", source)
         try:
-            return (self._html_env if html else self._text_env).from_string(source)
+            template = env.from_string(source)
+            return template, _variable_uses(env.parse(source), lambda name: env.loader.get_source(env, name)[0])
         except TemplateSyntaxError as error:
             raise RenderError(f"line {error.lineno}: {error.message}") from None
         except RenderError:

@@ -150,12 +150,14 @@ def plan_send(
     languages = language_chain(data.get("language"), settings.get("default_language"))
     try:
         rendered = renderer.render(
-            request["tenant"], data.get("layout") or kind, channel, languages, variables_for, override=layout
+            request["tenant"], data.get("layout") or kind, channel, languages, variables_for, override=layout,
+            personal=_personal_variables(request_vars),
         )
     except RenderError as error:
         return failed_status(request, str(error), now)
 
     prefix = TEST_PREFIX if kind == TEST_KIND else ""
+    html_body, text_body, substitutions = rendered.factored or (rendered.html or "", rendered.text, {})
     if channel == "sms":
         return SmsSend(
             request=data["request"],
@@ -172,11 +174,13 @@ def plan_send(
         sender_email=sender["email"],
         sender_name=sender.get("name") or "",
         subject=prefix + (rendered.subject or ""),
-        html=rendered.html or "",
-        text=rendered.text,
+        html_body=html_body,
+        text_body=text_body,
+        substitutions=substitutions,
         unsubscribe_url=request_vars.get("unsubscribe_url") if kind == MARKETING_KIND else None,
         test=kind == TEST_KIND,
-        personal=_personal_values(profile, request_vars),
+        # For a provider to factor a mail rendered on its own; one rendered once is factored already.
+        personal=() if substitutions else _personal_values(profile, request_vars),
     )
 
 
@@ -185,6 +189,18 @@ def unsubscribe_url(request: Mapping[str, Any], settings: Mapping[str, Any], lin
     data = request["data"]
     claims = UnsubscribeClaims(request["tenant"], data["contact"], data["channel"], data["request"])
     return link(settings.get("public_url") or links.base_url, UNSUBSCRIBE_PATH, make_unsubscribe_token(claims, links.secret, now))
+
+
+# The layout variables of a contact that differ from one recipient to the next.
+_PERSONAL_CONTACT_VARIABLES = frozenset(f"contact.{name}" for name in ("first_name", "last_name", "name", "email", "phone"))
+
+
+def _personal_variables(request_vars: Mapping[str, Any]) -> frozenset[str]:
+    """The layout variables that differ from one recipient to the next (see `LayoutRenderer.render`):
+    the contact's, and the request's own text `vars` (links, names) but its custom text."""
+    return _PERSONAL_CONTACT_VARIABLES.union(
+        name for name, value in request_vars.items() if isinstance(value, str) and name != "custom_text"
+    )
 
 
 def _personal_values(profile: Mapping[str, Any], request_vars: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:

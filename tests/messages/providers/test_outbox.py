@@ -16,8 +16,8 @@ MAIL = EmailSend(
     sender_email="tickets@venue.example",
     sender_name="Théâtre Royal",
     subject="Informatie over Hamlet – één avond",
-    html="<p>Hallo Ann,</p>",
-    text="Hallo Ann,\n",
+    html_body="<p>Hallo Ann,</p>",
+    text_body="Hallo Ann,\n",
     unsubscribe_url="https://usher.test/unsubscribe?token=abc",
 )
 

@@ -101,8 +101,26 @@ async def test_recipients_are_split_into_requests_of_at_most_1000(
 async def test_a_name_that_is_also_in_the_layouts_own_text_still_arrives_exactly(
     renderer: LayoutRenderer, standin: SendGridStandIn
 ) -> None:
-    # "Venue" is the sender's name too, so that mail cannot share the others' body.
+    # "Venue" is the sender's name too. Rendered once for all recipients, its mail shares the body.
     sends = marketing_mails(renderer, 3, names=[("Ann", "Peeters"), ("Venue", "Keeper"), ("Bob", "Smith")])
+
+    await provider(standin).send_email(sends)
+
+    assert [len(body["personalizations"]) for body in standin.accepted] == [3]
+    assert all(delivered(standin.accepted[0])[send.to][:3] == (send.subject, send.text, send.html) for send in sends)
+
+
+async def test_mails_rendered_one_by_one_are_factored_and_checked_by_undoing_it(standin: SendGridStandIn) -> None:
+    # A filter on the name: each mail is rendered on its own, and the provider looks for the
+    # recipient's values in it. "Venue" is also in the layout's own text, so that mail cannot
+    # share the others' body.
+    source = "Hello {{ contact.first_name|trim }}, from Venue. {{ unsubscribe_url }}"
+    layout = {"id": "event-message", "channel": "email", "languages": {"en": {"subject": "Hi", "html": source, "text": source}}}
+    sends = []
+    for index, (first, last) in enumerate([("Ann", "Peeters"), ("Venue", "Keeper"), ("Bob", "Smith")]):
+        request = message_requested(request=f"req-{index}", first_name=first, last_name=last, to={"email": f"c{index}@example.com"})
+        sends.append(plan_send(request, settings=SETTINGS, renderer=LayoutRenderer(), links=LINKS, now=NOW, layout=layout))
+    assert all(isinstance(send, EmailSend) and not send.substitutions and send.personal for send in sends)
 
     await provider(standin).send_email(sends)
 
@@ -115,24 +133,27 @@ async def test_a_name_that_is_also_in_the_layouts_own_text_still_arrives_exactly
 
 # 6,000 ASCII characters; 700 emoji, which JSON writes in twelve bytes each (in six, 700 would fit).
 @pytest.mark.parametrize("filler", ["x" * 6000, "\N{GRINNING FACE}" * 700])
+@pytest.mark.parametrize("factored", [True, False], ids=["rendered-once", "rendered-alone"])
 async def test_personal_values_beyond_sendgrids_substitution_limit_are_sent_as_they_are(
-    renderer: LayoutRenderer, standin: SendGridStandIn, filler: str
+    renderer: LayoutRenderer, standin: SendGridStandIn, filler: str, factored: bool
 ) -> None:
-    send = marketing_mails(renderer, 1)[0]
     link = "https://usher.test/unsubscribe?token=" + filler
-    long = replace(send, text=f"Unsubscribe: {link}", html=f"<a href='{link}'>x</a>",
-                   personal=(("vars.unsubscribe_url", link),))
+    send = plan_send(message_requested(unsubscribe_url=link), settings=SETTINGS, renderer=renderer, links=LINKS, now=NOW)
+    assert isinstance(send, EmailSend) and link in send.text and send.substitutions
+    if not factored:
+        send = replace(send, html_body=send.html, text_body=send.text, substitutions={})
 
-    results = await provider(standin).send_email([long])
+    results = await provider(standin).send_email([send])
 
     assert results[0].status == "sent"
     (item,) = standin.accepted[0]["personalizations"]
-    assert "substitutions" not in item and delivered(standin.accepted[0])[send.to][1:3] == (long.text, long.html)
+    assert "substitutions" not in item and delivered(standin.accepted[0])[send.to][1:3] == (send.text, send.html)
 
 
 async def test_different_mails_go_in_different_requests(renderer: LayoutRenderer, standin: SendGridStandIn) -> None:
     send = marketing_mails(renderer, 1)[0]
-    other = replace(send, request="req-x", to="x@example.com", html="<p>Something else</p>", text="Else")
+    other = replace(send, request="req-x", to="x@example.com", html_body="<p>Something else</p>", text_body="Else",
+                    substitutions={})
 
     await provider(standin).send_email([send, other])
 
@@ -202,7 +223,7 @@ async def test_an_unreachable_sendgrid_is_retried_then_fails(renderer: LayoutRen
 
 
 async def test_requests_keep_to_the_rate_limit(renderer: LayoutRenderer, standin: SendGridStandIn) -> None:
-    sends = [replace(send, html=f"<p>{index}</p>") for index, send in enumerate(marketing_mails(renderer, 3))]
+    sends = [replace(send, html_body=f"<p>{index}</p>", substitutions={}) for index, send in enumerate(marketing_mails(renderer, 3))]
     started = time.monotonic()
 
     await provider(standin, rate_per_s=20).send_email(sends)

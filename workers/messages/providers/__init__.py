@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
 
 import phonenumbers
+
+from workers.messages.render import substitute
 
 Status = Literal["sent", "failed", "unknown"]
 
@@ -38,14 +40,26 @@ class EmailSend:
     sender_email: str
     sender_name: str
     subject: str
-    html: str
-    text: str
+    # The bodies, with a token for each of the recipient's own values when the message was
+    # rendered once for all its recipients, and those tokens' values (see `render.Factored`).
+    html_body: str
+    text_body: str
+    substitutions: Mapping[str, str] = field(default_factory=dict)
     # Marketing mail only: the List-Unsubscribe headers point here.
     unsubscribe_url: str | None = None
     test: bool = False
-    # The recipient's own values in the content (name, links), by role; lets a
-    # provider send one body to many recipients with substitutions.
+    # The recipient's own values in the content (name, links), by role: lets a provider
+    # factor a mail rendered on its own (without substitutions) into a shared body.
     personal: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def html(self) -> str:
+        """The HTML as the recipient gets it."""
+        return substitute(self.html_body, self.substitutions)
+
+    @property
+    def text(self) -> str:
+        return substitute(self.text_body, self.substitutions)
 
     def headers(self) -> dict[str, str]:
         headers = {"X-Usher-Request": self.request}

@@ -1,16 +1,17 @@
 """SendGrid's v3 mail send through the official client (`sendgrid.SendGridAPIClient`).
 
 One request carries up to 1,000 recipients ("personalizations"). In SendGrid a
-request has one HTML and one text body, while every recipient's mail is rendered
-on its own (their name, their unsubscribe link). So each rendered mail is
-factored: the recipient's own values (`EmailSend.personal`) are replaced by
-tokens, and a personalization's `substitutions` put them back. Recipients whose
-factored bodies are identical (every recipient of a message, normally) share a
-request. The factoring is checked by undoing it: when the substitutions would
-not give back exactly the rendered mail (a value also occurring in the layout's
-own text, over 10,000 bytes of substitutions), that recipient keeps their own
-body and is grouped only with identical mails. Subjects are per personalization
-and never factored.
+request has one HTML and one text body, while every recipient's mail has their
+own values (their name, their unsubscribe link). So each mail is factored: the
+recipient's own values are tokens in the bodies, and a personalization's
+`substitutions` put them back. Recipients whose factored bodies are identical
+(every recipient of a message, normally) share a request. Mostly the renderer
+has factored the mail already (`EmailSend.factored`); else the recipient's own
+values (`EmailSend.personal`) are looked for in the rendered mail, and that is
+checked by undoing it. When the substitutions would not give back exactly the
+mail (a value also occurring in the layout's own text, over 10,000 bytes of
+substitutions), that recipient keeps their own body and is grouped only with
+identical mails. Subjects are per personalization and never factored.
 
 Each personalization carries `custom_args` (request id and tenant) so webhook
 events find their request, and its own headers (X-Usher-Request, and on
@@ -46,24 +47,28 @@ from workers.messages.providers import (
     Verdict,
     deliver,
 )
+from workers.messages.render import TOKEN_MARK, Factored, substitute
 
 MAX_PERSONALIZATIONS = 1000
 MAX_SUBSTITUTION_BYTES = 10_000
-TOKEN_MARK = "%usher:"
 JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
-
-Factored = tuple[str, str, dict[str, str]]
 
 
 def factor(send: EmailSend) -> Factored:
     """(html, text, substitutions): the mail with the recipient's own values as
     tokens, or the mail itself with no substitutions when that is not exact."""
-    own = (send.html, send.text, {})
-    if TOKEN_MARK in send.html or TOKEN_MARK in send.text or TOKEN_MARK in send.subject:
+    if TOKEN_MARK in send.subject:  # SendGrid substitutes in the subject too
+        return send.html, send.text, {}
+    if send.substitutions:  # rendered once for the message's recipients: factored already
+        if any(TOKEN_MARK in value for value in send.substitutions.values()) or _over_substitution_limit(send.substitutions):
+            return send.html, send.text, {}
+        return send.html_body, send.text_body, dict(send.substitutions)
+    own = (send.html_body, send.text_body, {})
+    if TOKEN_MARK in send.html_body or TOKEN_MARK in send.text_body:
         return own
     values = [(role, value) for role, value in send.personal if value]
     values.sort(key=_longest_first)
-    html, text, substitutions = send.html, send.text, {}
+    html, text, substitutions = send.html_body, send.text_body, {}
     for role, value in values:
         if TOKEN_MARK in value:
             return own
@@ -79,7 +84,7 @@ def factor(send: EmailSend) -> Factored:
             text = text.replace(value, token)
     if not substitutions or _over_substitution_limit(substitutions):
         return own
-    if substitute(html, substitutions) != send.html or substitute(text, substitutions) != send.text:
+    if substitute(html, substitutions) != send.html_body or substitute(text, substitutions) != send.text_body:
         return own
     return html, text, substitutions
 
@@ -98,14 +103,6 @@ def _over_substitution_limit(substitutions: dict[str, str]) -> bool:
     the BMP, an emoji say, as two `\\uXXXX` escapes)."""
     bound = sum(12 * (len(token) + len(value)) + 6 for token, value in substitutions.items()) + 2
     return bound > MAX_SUBSTITUTION_BYTES and len(json.dumps(substitutions).encode()) > MAX_SUBSTITUTION_BYTES
-
-
-def substitute(body: str, substitutions: dict[str, str]) -> str:
-    """What SendGrid does with a personalization's substitutions. No value holds a
-    token (checked by `factor`), so the order does not matter."""
-    for token, value in substitutions.items():
-        body = body.replace(token, value)
-    return body
 
 
 def request_bodies(batch: Sequence[EmailSend]) -> list[tuple[dict[str, Any], list[EmailSend]]]:
