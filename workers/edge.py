@@ -13,8 +13,7 @@ import inspect
 import logging
 import weakref
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import lru_cache
 from time import monotonic
 from dataclasses import dataclass
@@ -62,15 +61,26 @@ class Accepted:
     def tenant(self) -> str:
         return self.event["tenant"]
 
-    @contextmanager
-    def context(self) -> Iterator[None]:
+    def context(self) -> AsCurrentEvent:
         """Make this record faust's current event, so table writes made while
         handling it go to the changelog partition of the record's own partition."""
-        token = _current_event.set(weakref.ref(self.record))
-        try:
-            yield
-        finally:
-            _current_event.reset(token)
+        return AsCurrentEvent(self.record)
+
+
+class AsCurrentEvent:
+    """`with AsCurrentEvent(record):` makes `record` faust's current event. A class rather than
+    a generator-based context manager: the messages stage enters one several times a record."""
+
+    __slots__ = ("record", "token")
+
+    def __init__(self, record: Delivered) -> None:
+        self.record = record
+
+    def __enter__(self) -> None:
+        self.token = _current_event.set(weakref.ref(self.record))
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current_event.reset(self.token)
 
 
 RecordHandler = Callable[[Accepted], "Iterable[envelope.Out] | Awaitable[Iterable[envelope.Out]]"]

@@ -242,9 +242,11 @@ class BatchedTable(faust.Table):
         if db is None:
             super().__setitem__(key, value)
         else:
-            # faust's own path, less its serializer registry: the same bytes, straight to the store.
-            self.on_key_set(key, value)
-            db.put(_json_bytes(key), _json_bytes(value))
+            # faust's own path, less its serializer registry: the same bytes, straight to the store,
+            # and kept for the changelog (encoded once).
+            encoded = _Encoded(_json_bytes(value))
+            self.on_key_set(key, encoded)
+            db.put(_json_bytes(key), encoded)
 
     def value(self, key: Any) -> Any:
         """`self.get(key)` (None when missing) with one store lookup: faust's `get` looks a key up
@@ -295,7 +297,8 @@ class BatchedTable(faust.Table):
         for partition, values in changes.items():
             batch, count = producer.create_batch(), 0
             for key, value in values.items():
-                record = {"key": key_bytes(key), "value": None if value is None else value_bytes(value), "timestamp": None}
+                raw = value if value is None or type(value) is _Encoded else value_bytes(value)
+                record = {"key": key_bytes(key), "value": raw, "timestamp": None}
                 if batch.append(**record) is None:
                     sent.append((partition, count, await producer.send_batch(batch, name, partition=partition)))
                     batch, count = producer.create_batch(), 0
@@ -306,6 +309,10 @@ class BatchedTable(faust.Table):
             metadata = await acknowledgement
             # What faust records per change: a RocksDB store resumes its recovery after this offset.
             self.data.set_persisted_offset(TP(name, partition), metadata.offset + count - 1)
+
+
+class _Encoded(bytes):
+    """A table value as its changelog carries it, encoded when it was stored."""
 
 
 def _json_bytes(value: Any) -> bytes:
