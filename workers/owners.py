@@ -63,7 +63,7 @@ class Owners:
         if owner == self.here and self.settled():
             return answer()
         if owner is None or owner == self.here or FORWARDED_HEADER in request.headers:
-            return web.error(view, 503, "rebalancing", "The records are moving between workers; try again shortly.")
+            return not_settled(view)
         headers = {name: value for name, value in request.headers.items() if name.lower() != "host"} | {FORWARDED_HEADER: self.here}
         try:
             async with self.app.http_client.get(URL(owner).join(request.rel_url), headers=headers, timeout=FORWARD_TIMEOUT) as response:
@@ -71,3 +71,8 @@ class Owners:
                 return view.bytes(await response.read(), content_type=response.content_type, status=response.status, headers=passed_back)
         except (aiohttp.ClientError, TimeoutError):
             return web.error(view, 503, "owner_unavailable", "The worker holding these records does not answer; try again shortly.")
+
+
+def not_settled(view: View) -> Response:
+    """The answer while a stage's partitions are being assigned (starting, or rebalancing)."""
+    return web.error(view, 503, "rebalancing", "The records are moving between workers; try again shortly.")

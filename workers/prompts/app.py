@@ -26,7 +26,7 @@ from faust.web import Request, Response, View
 from workers import envelope, web
 from workers.edge import Accepted
 from workers.fields import FORMS, validate_answers
-from workers.owners import Owners
+from workers.owners import Owners, not_settled
 from workers.prompts import rules
 from workers.stage import StageContext
 
@@ -268,7 +268,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
             if problem is not None:
                 return web.error(self, 400, "invalid_body", problem)
             if not owners.settled():
-                return web.error(self, 503, "starting", "The prompts stage is still reading its configuration; try again shortly.")
+                return not_settled(self)
             fields = (reference.config(tenant) or rules.empty_config())["fields"]
             errors = validate_answers(fields, body["answers"], body["form"], body.get("language"))
             return self.json({"ok": not errors, "errors": errors})

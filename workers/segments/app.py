@@ -45,7 +45,7 @@ from yarl import URL
 from workers import envelope, web
 from workers.edge import Accepted, produce, rejection
 from workers.fields import MESSAGE_FALLBACK_LANGUAGE, shown_in
-from workers.owners import Owners, active_partitions
+from workers.owners import Owners, active_partitions, not_settled
 from workers.segments import audience, family, profiles, rules
 from workers.stage import StageContext
 from workers.tables import ContactTable
@@ -398,9 +398,6 @@ def register(app: faust.App, ctx: StageContext) -> None:
                 return await response.read()
 
         return await asyncio.gather(*(part(url) for url in others))
-
-    def not_settled(view: View) -> Response:
-        return web.error(view, 503, "rebalancing", "The contacts are moving between workers; try again shortly.")
 
     def parts_failed(view: View, error: Exception) -> Response:
         return web.error(view, 502, "worker_unavailable", f"Another worker of the stage did not answer its part: {error}")
