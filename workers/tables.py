@@ -1,10 +1,12 @@
 """Faust tables whose changes a stage produces itself, batched with its other records."""
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from functools import cached_property
 from typing import Any
 
 import faust
+from faust.stores.memory import Store as MemoryStore
 
 from workers import envelope
 
@@ -21,9 +23,17 @@ class ContactTable:
         self.table = app.Table(name, default=None, key_type=bytes)
         self.changelog = self.table.changelog_topic.get_topic_name()
 
+    @cached_property
+    def _values(self) -> MutableMapping[bytes, Any]:
+        """Where entries are read and written: the store, not faust's `Table` (its key events and
+        `__missing__` cost more than a rule). A memory store's own dict is used as it is, since the
+        store's `get` is `Mapping.get`, a few Python calls and, for a key not there (a contact's
+        first record), a raised KeyError."""
+        store = self.table.data
+        return store.data if isinstance(store, MemoryStore) else store
+
     def get(self, key: str) -> dict[str, Any] | None:
-        # Through the store: faust's Table.get (key events, __missing__) costs more than a rule.
-        return self.table.data.get(key.encode())
+        return self._values.get(key.encode())
 
     def items(self) -> Iterator[tuple[str, dict[str, Any]]]:
         return ((key.decode(), value) for key, value in self.table.items())
@@ -33,9 +43,9 @@ class ContactTable:
         self.table.on_recover(callback)
 
     def set(self, key: str, value: dict[str, Any]) -> envelope.Out:
-        self.table.data[key.encode()] = value
+        self._values[key.encode()] = value
         return envelope.Out(self.changelog, key, value)
 
     def delete(self, key: str) -> envelope.Out:
-        del self.table.data[key.encode()]
+        del self._values[key.encode()]
         return envelope.Out(self.changelog, key, None)

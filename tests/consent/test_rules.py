@@ -157,6 +157,34 @@ def test_apply_does_not_modify_the_state_it_is_given() -> None:
     assert state == before
 
 
+def test_no_rule_modifies_the_state_it_is_given() -> None:
+    """The rules copy only the parts of a state they change, and share the rest with the new state:
+    every step of a double opt-in (resend, reminder, confirmation, a second cycle, its expiry,
+    manual and bulk changes, a revocation) leaves the state it started from as it was."""
+    state, mail = pending()
+    steps = [
+        lambda s, at: apply(order({"newsletter": True, "partners": False}, at, id_="evt-2"), s, DOI, OPTINS, at, LINKS),
+        lambda s, at: due(s, DOI, OPTINS, at, LINKS),
+        lambda s, at: confirm(s, mail["data"]["request"], at),
+        lambda s, at: apply(command("consent.revoke", {"contact": "c-42", "optin": "newsletter"}, at, id_="rev-1"),
+                            s, DOI, OPTINS, at, LINKS),
+        lambda s, at: apply(order({"newsletter": True}, at, id_="evt-3", email="ann@new.example"), s, DOI, OPTINS, at, LINKS),
+        lambda s, at: apply(bulk_for_contact(command("consent.bulk-set", {"contacts": ["c-42"], "optin": "partners",
+                                                                          "status": "opted_in"}, at, id_="b-1"), "c-42"),
+                            s, DOI, OPTINS, at, LINKS),
+        lambda s, at: due(s, DOI, OPTINS, at + timedelta(days=15), LINKS),
+    ]
+    at = T0
+    for step in steps:
+        at += timedelta(days=3)
+        before = copy.deepcopy(state)
+        after, outs = step(state, at)
+        assert state == before
+        assert outs and after != state
+        state = after
+    assert [status(state, optin) for optin in ("newsletter", "partners")] == ["expired", "opted_in"]
+
+
 def test_records_the_consent_stage_has_no_rule_for_change_nothing() -> None:
     state, _ = apply(order({"newsletter": True}), None, SINGLE, OPTINS, T0, LINKS)
     cancelled = command("order.cancelled", {"order": "o-evt-1", "contact": "c-42"}, T0, id_="x")

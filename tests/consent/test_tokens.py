@@ -118,7 +118,7 @@ def test_minted_tokens_are_what_itsdangerous_makes_and_reads() -> None:
         secret = rng.choice(["test-secret", "another-secret", "s" * 64])
         long_id = "x" * rng.randrange(1, 120)  # long enough for itsdangerous to compress
         if number % 7 == 0:
-            long_id += ' é"\\\n'  # what JSON escapes, and text that is not ASCII
+            long_id += ' é"\\\n\x01\u2028'  # what JSON escapes, and text that is not ASCII
         claims = (ConfirmClaims(f"t{number}", f"c-{number}", rng.choice(["newsletter", "sms-alerts"]), long_id),
                   UnsubscribeClaims(f"t{number}", f"c-{number}", rng.choice(["email", "sms"]), long_id))
         for claim, salt, make in zip(claims, (_CONFIRM_SALT, _UNSUBSCRIBE_SALT), (make_confirm_token, make_unsubscribe_token)):

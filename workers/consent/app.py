@@ -71,12 +71,17 @@ def timing(settings: Mapping[str, Any] | None) -> list[float]:
     return [policy.remind_every.total_seconds(), policy.max_reminders, policy.expire_after.total_seconds()]
 
 
+_DEFAULT_TIMING = timing(None)
+
+
 @dataclass
 class Tenant:
-    """One tenant's configuration, as far as consent goes (`config.settings` and `config.optin` data)."""
+    """One tenant's configuration, as far as consent goes (`config.settings` and `config.optin` data),
+    and the `timing` of its settings, worked out when they change rather than for every record."""
 
     settings: dict[str, Any] | None = None
     optins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timing: list[float] = field(default_factory=lambda: _DEFAULT_TIMING)
 
 
 class Reference:
@@ -106,9 +111,10 @@ class Reference:
                 return f"key {key!r} is not {'/'.join(expected)!r}"
         config = self.tenants[tenant]
         if kind == "settings":
-            before = timing(config.settings)
+            before = config.timing
             config.settings = None if event is None else event["data"]
-            if timing(config.settings) != before:
+            config.timing = timing(config.settings)
+            if config.timing != before:
                 self._on_timing_change(tenant)
         elif kind == "optin":
             if event is None:
@@ -206,10 +212,10 @@ class Schedule:
     async def _recovered(self) -> None:
         self._rebuild = True
 
-    def set(self, key: str, partition: int, due: datetime | None, settings: Mapping[str, Any] | None) -> list[envelope.Out]:
+    def set(self, key: str, partition: int, due: datetime | None, settings_timing: list[float]) -> list[envelope.Out]:
         """Call in the contact's record context with the due time `rules.next_due_at` computed from
-        `settings`; returns the table change to produce, if any."""
-        value = None if due is None else {"due": envelope.isotime(due), "partition": partition, "timing": timing(settings)}
+        settings whose `timing` is `settings_timing`; returns the table change to produce, if any."""
+        value = None if due is None else {"due": envelope.isotime(due), "partition": partition, "timing": settings_timing}
         if self.table.get(key) == value:
             return []
         if value is None:
@@ -310,7 +316,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
     ctx.feed([envelope.CONFIG, envelope.SEGMENTS_MEMBERS], reference.apply)
 
     def timing_of(tenant: str) -> list[float]:
-        return timing(reference.tenant(tenant).settings)
+        return reference.tenant(tenant).timing
 
     def fan_out(item: Accepted) -> list[envelope.Out]:
         data = item.data
@@ -343,7 +349,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
         if changes:
             outs.extend(history.append(key, changes))
         due = None if state is None else rules.next_due_at(state, tenant.settings)
-        return outs + schedule.set(key, item.record.message.partition, due, tenant.settings)
+        return outs + schedule.set(key, item.record.message.partition, due, tenant.timing)
 
     ctx.edge.subscribe("contacts", [envelope.ORDERS, envelope.COMMANDS, FANOUT], on_record=handle)
 

@@ -47,10 +47,11 @@ from workers.envelope import (
     Out,
     contact_key,
     derived_id,
+    isotime,
+    isotime_of,
     make_event,
+    parse_time,
 )
-from workers.envelope import isotime_of
-from workers.envelope import parse_time
 
 SOURCE = "/usher/consent"
 # Commands written by the consent stage's customer pages.
@@ -156,8 +157,14 @@ class _How(NamedTuple):
     note: str | None = None
 
 
-def _evidence(**extra: Any) -> dict[str, Any]:
-    return {"order": None, "text_shown": None, "version": None, "prechecked": None, **extra}
+def _evidence(
+    order: Any = None, text_shown: Any = None, version: Any = None, prechecked: Any = None, **extra: Any
+) -> dict[str, Any]:
+    # Named parameters rather than a merge of `extra`: a checkout's evidence is made for most changes.
+    evidence = {"order": order, "text_shown": text_shown, "version": version, "prechecked": prechecked}
+    if extra:
+        evidence.update(extra)
+    return evidence
 
 
 def _present(**fields: Any) -> dict[str, Any]:
@@ -189,36 +196,64 @@ def public_status(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class _Contact:
-    """One contact's state while one input (or one `due` run) is applied, with what to publish."""
+    """One contact's state while one input (or one `due` run) is applied, with what to publish.
+
+    The state it is given is never changed. A part is copied when first changed (the statuses,
+    the reach, the books, one opt-in's book with its DOI cycle), since most inputs change little,
+    and `result` puts the new state together, sharing the parts left as they were."""
+
+    __slots__ = ("before", "tenant", "contact", "policy", "optins", "now", "links", "key",
+                 "statuses", "books", "reach", "_statuses_copied", "_books_copied", "_time", "changes", "mails")
 
     def __init__(
         self, state: dict[str, Any], policy: DoiPolicy, optins: OptinConfigs, now: datetime, links: Links
     ) -> None:
-        self.state = state
-        self.tenant: str = state["private"]["tenant"]
+        private = state["private"]
+        self.before = state
+        self.tenant: str = private["tenant"]
         self.contact: str = state["status"]["contact"]
         self.policy = policy
         self.optins = optins
         self.now = now
         self.links = links
+        self.key = contact_key(self.tenant, self.contact)
+        self.statuses: dict[str, dict[str, Any]] = state["status"]["optins"]
+        self.books: dict[str, dict[str, Any]] = private["optins"]
+        self.reach: dict[str, Any] = private["reach"]
+        self._statuses_copied = False
+        # The opt-ins whose book is this run's own copy; None while `books` is the given state's.
+        self._books_copied: set[str] | None = None
+        self._time: str | None = None
         self.changes: list[Event] = []
         self.mails: list[Out] = []
-        self.key = contact_key(self.tenant, self.contact)
-
-    def entry(self, optin: str) -> dict[str, Any]:
-        return self.state["status"]["optins"].get(optin, {})
 
     def status_of(self, optin: str) -> str:
-        return self.entry(optin).get("status", UNKNOWN)
+        entry = self.statuses.get(optin)
+        return UNKNOWN if entry is None else entry["status"]
 
     def book(self, optin: str) -> dict[str, Any]:
-        return self.state["private"]["optins"].setdefault(optin, {})
+        """The opt-in's book, to change (created when missing)."""
+        copied = self._books_copied
+        if copied is None:
+            self.books = dict(self.books)
+            copied = self._books_copied = set()
+        if optin not in copied:
+            book = dict(self.books.get(optin, ()))
+            cycle = book.get("doi")
+            if cycle is not None:
+                book["doi"] = {**cycle, "mails": list(cycle["mails"])}
+            self.books[optin] = book
+            copied.add(optin)
+        return self.books[optin]
 
-    def is_newer(self, optin: str, event: Event) -> bool:
-        mark = self.state["private"]["optins"].get(optin, {}).get("mark")
+    def is_newer(self, optin: str, cause_key: str, at: datetime) -> bool:
+        """Whether an input at `at` whose `_event_key` is `cause_key` comes after the opt-in's mark."""
+        book = self.books.get(optin)
+        mark = None if book is None else book.get("mark")
         if mark is None:
             return True
-        return (parse_time(event["time"]), _event_key(event)) > (parse_time(mark["at"]), mark["event"])
+        mark_at = parse_time(mark["at"])
+        return at > mark_at or (at == mark_at and cause_key > mark["event"])
 
     def change(
         self, optin: str, to: str, at: datetime, how: _How, cause: Event, moves_mark: bool = True
@@ -233,14 +268,18 @@ class _Contact:
         if moves_mark:
             book["mark"] = {"at": cause["time"], "event": _event_key(cause)}
         when = isotime_of(at)
-        self.state["status"]["optins"][optin] = {
+        if not self._statuses_copied:
+            self.statuses = dict(self.statuses)
+            self._statuses_copied = True
+        entry = self.statuses.get(optin)
+        self.statuses[optin] = {
             "status": to,
             "method": how.method,
             "channel": how.channel,
             "ip": how.ip,
             "user": how.user,
             "note": how.note,
-            "created": self.entry(optin).get("created", when),
+            "created": when if entry is None else entry.get("created", when),
             "modified": when,
             "evidence": how.evidence,
         }
@@ -263,16 +302,19 @@ class _Contact:
 
     def remember_reach(self, person: Mapping[str, Any], at: datetime) -> None:
         """Keep the newest order's address and language, for mails sent later (reminders)."""
-        reach = self.state["private"]["reach"]
-        if reach and parse_time(reach["at"]) > at:
+        reach, when = self.reach, isotime_of(at)
+        # Both in `isotime`'s fixed form, whose text order is time order: no parsing needed.
+        if reach and reach["at"] > when:
             return
-        reach.update(
-            email=person.get("email"),
-            phone=person.get("phone"),
-            language=person.get("language"),
-            first_name=person.get("first_name"),
-            at=isotime_of(at),
-        )
+        newest = {
+            "email": person.get("email"),
+            "phone": person.get("phone"),
+            "language": person.get("language"),
+            "first_name": person.get("first_name"),
+            "at": when,
+        }
+        if newest != reach:
+            self.reach = newest
 
     def start_doi(self, optin: str, cause: Event, at: datetime) -> None:
         request = derived_id(cause, f"doi/{self.contact}/{optin}")
@@ -289,16 +331,19 @@ class _Contact:
 
     def resend_if_quiet(self, optin: str, cause: Event) -> None:
         """Yes again while pending: a new confirmation mail, at most one a day."""
-        cycle = self.book(optin)["doi"]
+        cycle = self.books[optin]["doi"]
+        if self.now - parse_time(cycle["last_mail_at"]) <= RESEND_AFTER:
+            return
         request = derived_id(cause, f"doi-resend/{self.contact}/{optin}")
-        if self.now - parse_time(cycle["last_mail_at"]) > RESEND_AFTER and request not in cycle["mails"]:
-            self.mail(optin, cycle, "doi-confirmation", request)
+        if request not in cycle["mails"]:
+            self.mail(optin, self.book(optin)["doi"], "doi-confirmation", request)
 
     def mail(self, optin: str, cycle: dict[str, Any], kind: str, request: str) -> None:
+        """Mail `kind` for the DOI `cycle` (this run's own copy, which records the mail)."""
         claims = ConfirmClaims(self.tenant, self.contact, optin, cycle["request"])
         token = make_confirm_token(claims, self.links.secret, self.now)
-        reach = self.state["private"]["reach"]
-        language = _language_of(self.state, self.policy)
+        reach = self.reach
+        language = _language_of(reach, self.policy)
         expires_at = parse_time(cycle["pending_since"]) + self.policy.expire_after
         data = {
             "request": request,
@@ -318,33 +363,55 @@ class _Contact:
             },
         }
         cycle["mails"].append(request)
-        cycle["last_mail_at"] = isotime_of(self.now)
+        cycle["last_mail_at"] = self.time()
         # Without an address there is nobody to mail; the cycle still runs its course to expiry,
         # so the next checkout asks again.
         if reach.get("email"):
             self.mails.append(Out(OUTBOX, self.key, self._event("message.requested", data, request)))
 
+    def time(self) -> str:
+        """`now` as records carry it (not remembered by `isotime_of`: each record has its own `now`)."""
+        if self._time is None:
+            self._time = isotime(self.now)
+        return self._time
+
     def _event(self, type_: str, data: dict[str, Any], id_: str) -> dict[str, Any]:
-        return make_event(type_, self.tenant, data, source=SOURCE, id_=id_, time=isotime_of(self.now))
+        return make_event(type_, self.tenant, data, source=SOURCE, id_=id_, time=self.time())
+
+    def state(self) -> dict[str, Any]:
+        """The contact's state with this run's changes: the given state itself when there are none."""
+        before = self.before
+        private = before["private"]
+        if not self._statuses_copied and self._books_copied is None and self.reach is private["reach"]:
+            return before
+        status = before["status"]
+        return {
+            **before,
+            "status": {**status, "optins": self.statuses} if self._statuses_copied else status,
+            "private": {**private, "reach": self.reach, "optins": self.books},
+        }
 
     def result(self) -> tuple[dict[str, Any], list[Out]]:
         """The new state and what to produce: the log records, the contact's full statuses when
         anything changed, then the mails."""
-        outs = [Out(CONSENT_LOG, self.key, change) for change in self.changes]
-        if self.changes:
+        state = self.state()
+        key = self.key
+        outs = [Out(CONSENT_LOG, key, change) for change in self.changes]
+        if outs:
             status_id = derived_id(self.changes[-1], "status")
-            outs.append(Out(CONSENT_STATE, self.key, self._event("consent.status", self.state["status"], status_id)))
-        return self.state, outs + self.mails
+            outs.append(Out(CONSENT_STATE, key, self._event("consent.status", state["status"], status_id)))
+        outs.extend(self.mails)
+        return state, outs
 
 
-def _language_of(state: Mapping[str, Any], policy: DoiPolicy) -> str:
-    return state["private"]["reach"].get("language") or policy.default_language
+def _language_of(reach: Mapping[str, Any], policy: DoiPolicy) -> str:
+    return reach.get("language") or policy.default_language
 
 
 def contact_language(state: Mapping[str, Any] | None, settings: Settings | None) -> str:
     """The language to address a contact in: their newest order's, else the tenant default."""
     policy = DoiPolicy.from_settings(settings)
-    return policy.default_language if state is None else _language_of(state, policy)
+    return policy.default_language if state is None else _language_of(state["private"]["reach"], policy)
 
 
 def optin_text(config: Mapping[str, Any], language: str, default_language: str) -> str | None:
@@ -359,13 +426,13 @@ def optin_text(config: Mapping[str, Any], language: str, default_language: str) 
 def _on_order(run: _Contact, event: Event, at: datetime) -> None:
     data = event["data"]
     run.remember_reach(data["contact"], at)
+    cause_key = _event_key(event)
     for answer in data.get("optins") or ():
         optin = answer["optin"]
-        if not run.is_newer(optin, event):
-            continue
-        status = run.status_of(optin)
         yes = answer["answer"]
-        if yes and status == OPTED_IN:
+        status = run.status_of(optin)
+        # Most answers of a returning buyer change nothing: decided before the mark is looked up or anything built.
+        if status == (OPTED_IN if yes else OPTED_OUT) or not run.is_newer(optin, cause_key, at):
             continue
         if yes and status == PENDING and run.policy.applies(optin):
             run.resend_if_quiet(optin, event)
@@ -395,7 +462,7 @@ def _on_set(run: _Contact, event: Event, at: datetime) -> None:
     """`consent.set`, and `consent.bulk-set` once fanned out to one contact (`bulk_for_contact`)."""
     data = event["data"]
     optin = data["optin"]
-    if not run.is_newer(optin, event):
+    if not run.is_newer(optin, _event_key(event), at):
         return
     bulk = event["type"] == "consent.bulk-set"
     how = _How(
@@ -412,7 +479,7 @@ def _on_set(run: _Contact, event: Event, at: datetime) -> None:
 def _on_revoke(run: _Contact, event: Event, at: datetime) -> None:
     data = event["data"]
     optin = data["optin"]
-    if not run.is_newer(optin, event):
+    if not run.is_newer(optin, _event_key(event), at):
         return
     how = _How(
         method="revoke",
@@ -427,7 +494,7 @@ def _on_revoke(run: _Contact, event: Event, at: datetime) -> None:
 def _on_confirm(run: _Contact, event: Event, at: datetime) -> None:
     data = event["data"]
     optin, request = data["optin"], data["request"]
-    if _problem(run.state, run.policy, optin, request, at) or not run.is_newer(optin, event):
+    if _problem(run.before, run.policy, optin, request, at) or not run.is_newer(optin, _event_key(event), at):
         return
     how = _How(
         method="doi-confirmation",
@@ -435,7 +502,7 @@ def _on_confirm(run: _Contact, event: Event, at: datetime) -> None:
         ip=data.get("ip"),
         user_agent=data.get("user_agent"),
         # What was consented to is the pending answer's evidence; the request ties it to the mail.
-        evidence={**run.entry(optin)["evidence"], "request": request},
+        evidence={**run.statuses[optin]["evidence"], "request": request},
     )
     book = run.book(optin)
     book["used"] = [*book.get("used", []), request][-USED_REQUESTS_KEPT:]
@@ -464,26 +531,6 @@ def contact_of(event: Event) -> str:
     return data["contact"]
 
 
-def _copy(state: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a contact's state that the rules may change without touching `state`: each dict
-    and list they change in place (the status and its opt-ins, the private part, reach, each
-    opt-in's book, its DOI cycle and that cycle's mails) is new; what they only ever replace whole
-    (status entries, evidence, marks, the used requests) is shared with `state`."""
-    status, private = state["status"], state["private"]
-    books = {}
-    for optin, book in private["optins"].items():
-        book = dict(book)
-        cycle = book.get("doi")
-        if cycle is not None:
-            book["doi"] = {**cycle, "mails": list(cycle["mails"])}
-        books[optin] = book
-    return {
-        **state,
-        "status": {**status, "optins": dict(status["optins"])},
-        "private": {**private, "reach": dict(private["reach"]), "optins": books},
-    }
-
-
 def apply(
     event: Event,
     state: Mapping[str, Any] | None,
@@ -496,8 +543,9 @@ def apply(
     `HANDLED_TYPES` change nothing. `settings` is the tenant's `config.settings` data, `optins` its
     `config.optin` data by opt-in id. The input is not modified."""
     tenant, contact = event["tenant"], contact_of(event)
-    state = _copy(state) if state is not None else new_state(tenant, contact)
-    if (state["private"]["tenant"], state["status"]["contact"]) != (tenant, contact):
+    if state is None:
+        state = new_state(tenant, contact)
+    elif (state["private"]["tenant"], state["status"]["contact"]) != (tenant, contact):
         raise ValueError(f"state of {contact_key(state['private']['tenant'], state['status']['contact'])} "
                          f"given for a record of {contact_key(tenant, contact)}")
     rule = _RULES.get(event["type"])
@@ -537,19 +585,20 @@ def due(
 ) -> tuple[dict[str, Any], list[Out]]:
     """Reminders and expiries due at `now` for one contact. A cycle past its expiry is expired
     (log method `doi-expired`) and gets no more reminders, even ones missed while the stage was down."""
-    run = _Contact(_copy(state), DoiPolicy.from_settings(settings), optins, now, links)
-    for optin, book in run.state["private"]["optins"].items():
+    run = _Contact(state, DoiPolicy.from_settings(settings), optins, now, links)
+    for optin, book in list(run.books.items()):
         cycle = book.get("doi")
         if cycle is None:
             continue
         expires_at = _expires_at(cycle, run.policy)
         if now >= expires_at:
-            how = _How(method="doi-expired", evidence={**run.entry(optin)["evidence"], "request": cycle["request"]})
+            how = _How(method="doi-expired", evidence={**run.statuses[optin]["evidence"], "request": cycle["request"]})
             origin = _origin(run.tenant, SOURCE, cycle["request"])
             run.change(optin, EXPIRED, expires_at, how, origin, moves_mark=False)
             continue
         reminder_at = _next_reminder_at(cycle, run.policy)
         if reminder_at is not None and now >= reminder_at:
+            cycle = run.book(optin)["doi"]
             cycle["reminders"] += 1
             origin = _origin(run.tenant, SOURCE, cycle["request"])
             run.mail(optin, cycle, "doi-reminder", derived_id(origin, f"reminder/{cycle['reminders']}"))
@@ -559,16 +608,20 @@ def due(
 def next_due_at(state: Mapping[str, Any], settings: Settings | None) -> datetime | None:
     """When `due` next has something to do for this contact (None: nothing pending), for the
     agent's schedule table. Recompute it after every `apply`/`due` and when settings change."""
-    cycles = [book["doi"] for book in state["private"]["optins"].values() if book.get("doi") is not None]
-    if not cycles:  # most contacts: no policy to work out
-        return None
-    policy = DoiPolicy.from_settings(settings)
-    moments = []
-    for cycle in cycles:
-        expires_at = _expires_at(cycle, policy)
+    soonest = policy = None
+    for book in state["private"]["optins"].values():
+        cycle = book.get("doi")
+        if cycle is None:
+            continue
+        if policy is None:  # worked out only for a contact with a cycle
+            policy = DoiPolicy.from_settings(settings)
+        moment = _expires_at(cycle, policy)
         reminder_at = _next_reminder_at(cycle, policy)
-        moments.append(min(expires_at, reminder_at) if reminder_at is not None else expires_at)
-    return min(moments, default=None)
+        if reminder_at is not None and reminder_at < moment:
+            moment = reminder_at
+        if soonest is None or moment < soonest:
+            soonest = moment
+    return soonest
 
 
 def _problem(state: Mapping[str, Any], policy: DoiPolicy, optin: str, request: str, at: datetime) -> str | None:

@@ -8,13 +8,14 @@ move time.
 from __future__ import annotations
 
 import hashlib
-import json
+import hmac
 from dataclasses import dataclass, fields
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+import orjson
 from itsdangerous import BadData, SignatureExpired, TimestampSigner, URLSafeTimedSerializer
 from itsdangerous.encoding import base64_encode, int_to_bytes
 
@@ -82,10 +83,12 @@ def _serializer(secret: str, salt: str, now: datetime) -> URLSafeTimedSerializer
 
 
 @lru_cache(maxsize=64)
-def _signer(secret: str, salt: str) -> TimestampSigner:
-    """The signer `_serializer(secret, salt, now).dumps` signs with (its key derived), for any
-    `now`: making serializer and signer was most of the cost of a token, and each DOI mail has one."""
-    return _serializer(secret, salt, datetime.now().astimezone()).make_signer()
+def _signer(secret: str, salt: str) -> tuple[TimestampSigner, bytes]:
+    """The signer `_serializer(secret, salt, now).dumps` signs with, for any `now`, and its derived
+    key: making serializer and signer, then deriving the key, was most of the cost of a token, and
+    each DOI mail has one."""
+    signer = _serializer(secret, salt, datetime.now().astimezone()).make_signer()
+    return signer, signer.derive_key()
 
 
 @lru_cache(maxsize=8)
@@ -93,25 +96,25 @@ def _field_names(kind: type) -> tuple[str, ...]:
     return tuple(f.name for f in fields(kind))
 
 
-# What itsdangerous' compact JSON (`_CompactJSON.dumps`) is, made once rather than per token.
-_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-
 def _payload(values: list[str]) -> bytes:
     """`URLSafeTimedSerializer.dump_payload(values)` without its compression: compact JSON in
     URL-safe base64. itsdangerous compresses a payload when that makes it shorter, and reads
     either form; compressing cost 15 to 35 µs a token (zlib sets up its state anew each time),
-    about a tenth of what sending a marketing mail costs, for links a dozen characters shorter."""
-    return base64_encode(_COMPACT_JSON.encode(values).encode("utf-8"))
+    about a tenth of what sending a marketing mail costs, for links a dozen characters shorter.
+    For a list of strings orjson writes the very bytes of itsdangerous' compact JSON
+    (`json.dumps(separators=(",", ":"), ensure_ascii=False)`, UTF-8), at a tenth of the cost."""
+    return base64_encode(orjson.dumps(values))
 
 
 def _make(claims: ConfirmClaims | UnsubscribeClaims, salt: str, secret: str, now: datetime) -> str:
     """`_serializer(secret, salt, now).dumps(claims as a list)`, step by step (as
     `Serializer.dumps` and `TimestampSigner.sign` do it) with the signer stamped at `now`."""
-    signer = _signer(secret, salt)
+    signer, key = _signer(secret, salt)
     payload = _payload([getattr(claims, name) for name in _field_names(type(claims))])
     value = payload + signer.sep + base64_encode(int_to_bytes(int(now.timestamp())))
-    return (value + signer.sep + signer.get_signature(value)).decode("utf-8")
+    # `signer.get_signature(value)` with the key derived once: its HMAC-SHA256, in one call.
+    signature = base64_encode(hmac.digest(key, value, signer.digest_method))
+    return (value + signer.sep + signature).decode("utf-8")
 
 
 def _read(
