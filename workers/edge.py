@@ -326,7 +326,7 @@ async def _partitions(producer: AIOKafkaProducer, topic: str) -> int:
     return _PARTITIONS[topic]
 
 
-@lru_cache(maxsize=65536)  # keys repeat (contacts); murmur2 is pure Python
+@lru_cache(maxsize=16384)  # keys repeat (contacts); murmur2 is pure Python
 def partition_of(key: bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner gives `key` (murmur2), as every producer here uses."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions

@@ -78,9 +78,12 @@ def build_app(stages: tuple[str, ...], settings: Settings) -> faust.App:
         producer_max_batch_size=512 * 1024,
         producer_acks=-1,
         # What a worker holds fetched but not yet handled: a fetch returns at most four batches'
-        # records, and a stage's queue holds at most 16 partitions' shares of fetches.
+        # records and 256 KB a partition (faust's default, 1 MB, times every partition of every
+        # topic a stage reads), and a stage's queue holds at most four partitions' shares of
+        # fetches. Measured on the send bench (300,000 mails), peak memory 290 -> 267 MB.
         broker_max_poll_records=4 * settings.batch_size,
-        stream_buffer_maxsize=16,
+        consumer_max_fetch_size=256 * 1024,
+        stream_buffer_maxsize=4,
         logging_config=None,
     )
     ready_events: list[asyncio.Event] = []
