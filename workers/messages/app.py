@@ -567,10 +567,14 @@ class Callbacks:
         group = rules.correlation_group(item.tenant, data["provider"], data["provider_id"])
         if item.key != group:
             return [self.ctx.edge.reject(f"record key {item.key!r} is not {group!r}", item)]
+        # A key names this provider call, so only this record writes it (read again, it writes the
+        # same): the entries are made here whole, without reading what the table holds.
+        sent_to: dict[str, dict[str, Any]] = defaultdict(dict)
         for recipient in data["recipients"]:
             key = rules.correlation_key(item.tenant, data["provider"], data["provider_id"], recipient["address"])
-            subject = {name: recipient[name] for name in RECIPIENT_FIELDS} | {"provider_id": data["provider_id"]}
-            self.sends[key] = {**(self.sends.value(key) or {}), recipient["request"]: subject}
+            sent_to[key][recipient["request"]] = {name: recipient[name] for name in RECIPIENT_FIELDS} | {"provider_id": data["provider_id"]}
+        for key, requests in sent_to.items():
+            self.sends[key] = requests
         waiting = self.waiting.value(group)
         if not waiting:
             return []
