@@ -401,8 +401,8 @@ def test_a_tenant_layout_is_rendered_once_only_when_it_uses_personal_values_plai
     layout = email(subject="For {{ contact.first_name }}", html=source, text=source)
 
     def render_for(renderer: LayoutRenderer, first: str, last: str, personal: frozenset[str]) -> render.Rendered:
-        return render_custom(renderer, layout, recipient_variables("en", first, last)) if not personal else renderer.render(
-            "t1", "custom", "email", ["en"], lambda lang: recipient_variables(lang, first, last), layout, personal=personal)
+        return renderer.render("t1", "custom", "email", ["en"], lambda lang: recipient_variables(lang, first, last), layout,
+                               personal=personal)
 
     outs = assert_rendered_once_is_rendered_alone(LayoutRenderer(), render_for)
     assert (outs[0].factored is not None) is plain

@@ -531,7 +531,7 @@ class _NotPlain(Exception):
     pass
 
 
-def _variable_uses(template: nodes.Template, parent_source: Callable[[str], str]) -> dict[str, frozenset[str]] | None:
+def _variable_uses(template: nodes.Template, env: _LayoutEnvironment) -> dict[str, frozenset[str]] | None:
     """How a parsed part (with the templates it extends) uses each variable path it names
     (`contact.first_name`, `unsubscribe_url`): PRINTED (output as it is), TESTED (only its truth
     or definedness counts: `{% if x %}`, `x is defined`, `not x`) or OTHER. None when the part
@@ -558,7 +558,7 @@ def _variable_uses(template: nodes.Template, parent_source: Callable[[str], str]
         if isinstance(node, nodes.Extends):
             if not isinstance(node.template, nodes.Const) or not isinstance(node.template.value, str):
                 raise _NotPlain
-            visit(_PARSER.parse(parent_source(node.template.value)), node)
+            visit(env.parse(env.loader.get_source(env, node.template.value)[0]), node)
             return
         if isinstance(node, nodes.Getattr) and isinstance(node.node, nodes.Name) and node.node.ctx == "load":
             if node.node.name in _NOT_PLAIN_NAMES:
@@ -581,8 +581,6 @@ def _variable_uses(template: nodes.Template, parent_source: Callable[[str], str]
     return {path: frozenset(kinds) for path, kinds in uses.items()}
 
 
-# Parses the templates a part extends, for `_variable_uses` (the syntax is the layouts' own).
-_PARSER = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 # A rendering's key cannot be told (a value that is not JSON, a path through a non-mapping).
 _MISSING = object()
 _ABSENT = object()
@@ -869,7 +867,7 @@ class LayoutRenderer:
         source = CUSTOMTEXT.sub("{{ custom_text|nl2br }}" if html else "{{ custom_text }}", source)
         try:
             template = env.from_string(source)
-            return template, _variable_uses(env.parse(source), lambda name: env.loader.get_source(env, name)[0])
+            return template, _variable_uses(env.parse(source), env)
         except TemplateSyntaxError as error:
             raise RenderError(f"line {error.lineno}: {error.message}") from None
         except RenderError:

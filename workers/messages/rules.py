@@ -195,12 +195,16 @@ def unsubscribe_url(request: Mapping[str, Any], settings: Mapping[str, Any], lin
 _PERSONAL_CONTACT_VARIABLES = frozenset(f"contact.{name}" for name in ("first_name", "last_name", "name", "email", "phone"))
 
 
+def _personal_vars(request_vars: Mapping[str, Any]) -> list[str]:
+    """The request's `vars` that differ from one recipient to the next: its texts (links, names),
+    but the custom text, the same for every recipient of a message."""
+    return [name for name, value in request_vars.items() if isinstance(value, str) and name != "custom_text"]
+
+
 def _personal_variables(request_vars: Mapping[str, Any]) -> frozenset[str]:
     """The layout variables that differ from one recipient to the next (see `LayoutRenderer.render`):
-    the contact's, and the request's own text `vars` (links, names) but its custom text."""
-    return _PERSONAL_CONTACT_VARIABLES.union(
-        name for name, value in request_vars.items() if isinstance(value, str) and name != "custom_text"
-    )
+    the contact's, and the request's personal `vars`."""
+    return _PERSONAL_CONTACT_VARIABLES.union(_personal_vars(request_vars))
 
 
 def _personal_values(profile: Mapping[str, Any], request_vars: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -208,8 +212,7 @@ def _personal_values(profile: Mapping[str, Any], request_vars: Mapping[str, Any]
     first, last = profile.get("first_name") or "", profile.get("last_name") or ""
     values = {f"contact.{name}": str(profile.get(name) or "") for name in ("first_name", "last_name", "email", "phone")}
     values["contact.name"] = f"{first} {last}".strip()
-    values.update((f"vars.{name}", value) for name, value in request_vars.items() if isinstance(value, str))
-    values.pop("vars.custom_text", None)  # the same for every recipient of a message
+    values.update((f"vars.{name}", request_vars[name]) for name in _personal_vars(request_vars))
     return tuple((role, value) for role, value in values.items() if value)
 
 
