@@ -642,10 +642,12 @@ def _token_plan(uses: Iterable[dict[str, frozenset[str]] | None], personal: froz
 
 def _fill_in(tokened: _Tokened, values: Mapping[str, str]) -> tuple[dict[str, str], Factored | None]:
     """One recipient's parts from the renderings with tokens, and an e-mail's factored bodies."""
-    escaped = {path: str(escape(value)) for path, value in values.items()}
     parts, substitutions = {}, {}
     for part, (text, held) in tokened.items():
-        own = {token: (escaped if part == "html" else values)[path] for path, token in held}
+        if part == "html":
+            own = {token: str(escape(values[path])) for path, token in held}
+        else:
+            own = {token: values[path] for path, token in held}
         parts[part] = substitute(text, own)
         if part != "subject":  # a subject goes out filled in
             substitutions.update(own)
