@@ -64,6 +64,12 @@ def test_state_topics_are_created_compacted() -> None:
     assert compacted == {"ticketing.config", "ticketing.events", "ticketing.messages", "consent.state", "contacts.state", "segments.members"}
 
 
+def test_the_consent_log_is_kept_for_ever() -> None:
+    # The record of consent, and what the consent history table is recovered from.
+    kept = {spec.name for spec in ALL_TOPICS if topic_config(spec) == {"retention.ms": "-1"}}
+    assert kept == {"consent.log"}
+
+
 def test_topics_create_without_a_broker_fails_cleanly() -> None:
     result = subprocess.run(USHER + ["topics", "create", "--broker", f"kafka://127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1

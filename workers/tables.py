@@ -19,8 +19,9 @@ class ContactTable:
     lands in the changelog partition of the record's own partition (the key's, murmur2 as
     everywhere), as faust's would; recovery and standbys read that changelog as usual."""
 
-    def __init__(self, app: faust.App, name: str) -> None:
-        self.table = app.Table(name, default=None, key_type=bytes)
+    def __init__(self, app: faust.App, name: str, *, table: faust.Table | None = None) -> None:
+        """`table`: one made elsewhere (with a changelog of its own choosing), else a new `app.Table`."""
+        self.table = app.Table(name, default=None, key_type=bytes) if table is None else table
         self.changelog = self.table.changelog_topic.get_topic_name()
 
     @cached_property
@@ -42,8 +43,12 @@ class ContactTable:
         """Call `callback` whenever the table has been recovered, after every rebalance."""
         self.table.on_recover(callback)
 
-    def set(self, key: str, value: dict[str, Any]) -> envelope.Out:
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        """Store `value` and produce nothing: for a table whose changelog records the stage writes anyway."""
         self._values[key.encode()] = value
+
+    def set(self, key: str, value: dict[str, Any]) -> envelope.Out:
+        self.put(key, value)
         return envelope.Out(self.changelog, key, value)
 
     def delete(self, key: str) -> envelope.Out:

@@ -21,6 +21,8 @@ TOPIC_ALREADY_EXISTS = TopicAlreadyExistsError.errno
 class TopicSpec:
     name: str
     compacted: bool = False
+    # Never deleted for age: the record of consent, and what the consent history is recovered from.
+    kept_forever: bool = False
 
 
 CONTRACT_TOPICS = (
@@ -33,7 +35,7 @@ CONTRACT_TOPICS = (
     TopicSpec(t.CALLBACKS),
     TopicSpec(t.PROMPTS),
     TopicSpec(t.CONSENT_STATE, compacted=True),
-    TopicSpec(t.CONSENT_LOG),
+    TopicSpec(t.CONSENT_LOG, kept_forever=True),
     TopicSpec(t.CONTACTS_STATE, compacted=True),
     TopicSpec(t.CONTACTS_REPLIES),
     TopicSpec(t.SEGMENTS_MEMBERS, compacted=True),
@@ -60,7 +62,9 @@ ALL_TOPICS = CONTRACT_TOPICS + INTERNAL_TOPICS
 
 
 def topic_config(spec: TopicSpec) -> dict[str, str]:
-    return {"cleanup.policy": "compact"} if spec.compacted else {}
+    if spec.compacted:
+        return {"cleanup.policy": "compact"}
+    return {"retention.ms": "-1"} if spec.kept_forever else {}
 
 
 async def create_topics(bootstrap_servers: str, partitions: int, replication: int = 1) -> dict[str, str]:

@@ -117,9 +117,10 @@ class MovedClock:
         self.kafka = Kafka(broker.removeprefix("kafka://"))
         self.driver: ConsentDriver | None = None
 
-    def restart(self, days_ahead: float) -> ConsentDriver:
+    def restart(self, days_ahead: float, **env: str) -> ConsentDriver:
+        """`env`: more of the worker's settings, e.g. `USHER_STORE`."""
         self.stop()
-        env = {"USHER_SECRET": SECRET, "USHER_CLOCK_OFFSET_S": str(days_ahead * 24 * 3600)}
+        env = {"USHER_SECRET": SECRET, "USHER_CLOCK_OFFSET_S": str(days_ahead * 24 * 3600), **env}
         worker = WorkerProcess("consent", self.broker, self.port, self.workdir, env).start()
         self.driver = ConsentDriver(self.kafka, worker)
         return self.driver

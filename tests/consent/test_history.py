@@ -1,16 +1,21 @@
-"""The consent history table's pages, without a broker."""
+"""The consent history: entries added to by the agent and rebuilt from `consent.log`, without a broker."""
 from __future__ import annotations
 
-import faust
-from aiokafka.partitioner import murmur2
+from types import SimpleNamespace
 
-from workers.consent.app import HISTORY_PAGE, History
+import faust
+import orjson
+from faust.types import TP
+
+from workers import envelope
+from workers.consent.history import History, with_changes
 
 PARTITIONS = 6
 
 
-def partition(key: str) -> int:
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % PARTITIONS
+def changed(contact: str, number: int) -> dict:
+    data = {"contact": contact, "optin": "newsletter", "from": "unknown", "to": "opted_in", "n": number}
+    return envelope.make_event("consent.changed", "t1", data, source="/usher/consent")
 
 
 def history(name: str) -> History:
@@ -18,32 +23,52 @@ def history(name: str) -> History:
     return History(app, "consent-history")
 
 
-def test_history_keeps_every_change_in_order_and_writes_pages_once() -> None:
-    found = history("pages")
-    key, kept, writes = "t1/c-42", [], []
-    for number in range(5 * HISTORY_PAGE + 3):
-        changes = [{"n": number, "k": k} for k in range(number % 3)]
-        if changes:
-            kept += changes
-            writes += found.append(key, changes)
-        assert found.changes(key) == kept
-    salts = found.table.get(key)["pages"]
-    assert len(salts) == len(kept) // HISTORY_PAGE - (len(kept) % HISTORY_PAGE == 0)
-    # Each page is written once, full; the contact's own entry stays small.
-    assert [out.key for out in writes if out.key != key] == [f"{key}#{n}.{salt}" for n, salt in enumerate(salts)]
-    assert all(len(out.event["changes"]) == HISTORY_PAGE for out in writes if out.key != key)
-    assert all(len(out.event["changes"]) <= HISTORY_PAGE for out in writes if out.key == key)
-    # Every page is in the contact's partition, so it recovers and moves with the contact.
-    assert {partition(out.key) for out in writes} == {partition(key)}
+def log_records(events: list[dict], partition: int = 2, first_offset: int = 0) -> list[SimpleNamespace]:
+    """`consent.log` records as faust's recovery hands them to a table."""
+    tp = TP(envelope.CONSENT_LOG, partition)
+    return [
+        SimpleNamespace(message=SimpleNamespace(key=f"t1/{event['data']['contact']}".encode(), value=orjson.dumps(event),
+                                                tp=tp, partition=partition, offset=first_offset + number))
+        for number, event in enumerate(events)
+    ]
 
 
-def test_an_entry_without_pages_reads_as_it_is_and_overflows_into_pages() -> None:
-    found = history("legacy")
-    key = "t1/c-7"
-    older = [{"n": n} for n in range(3 * HISTORY_PAGE + 1)]
-    found.table.set(key, {"changes": older})
-    assert found.changes(key) == older
-    found.append(key, [{"n": "new"}])
-    assert found.changes(key) == [*older, {"n": "new"}]
-    assert len(found.table.get(key)["changes"]) <= HISTORY_PAGE
-    assert history("empty").changes(key) == []
+def test_the_history_is_recovered_from_the_consent_log_in_order() -> None:
+    found = history("recovery")
+    events = [changed("c-1", 0), changed("c-2", 0), changed("c-1", 1), changed("c-1", 2)]
+    found.table.table.apply_changelog_batch(log_records(events[:2]))
+    found.table.table.apply_changelog_batch(log_records(events[2:], first_offset=2))
+    assert found.changes("t1/c-1") == [events[0]["data"], events[2]["data"], events[3]["data"]]
+    assert found.changes("t1/c-2") == [events[1]["data"]]
+    assert found.changes("t1/c-3") == []
+
+
+def test_records_read_again_are_each_kept_once() -> None:
+    """Recovery resumes where the last one ended, so it reads again what the agent stored since."""
+    found = history("again")
+    events = [changed("c-1", n) for n in range(4)]
+    found.table.table.apply_changelog_batch(log_records(events[:1]))
+    # The agent stores the next two as it produces them, then a recovery reads the log from the start.
+    entry = with_changes(found.table.get("t1/c-1"), events[1:3])
+    found.table.put("t1/c-1", entry)
+    found.table.table.apply_changelog_batch(log_records(events))
+    found.table.table.apply_changelog_batch(log_records(events[2:], first_offset=2))
+    assert found.changes("t1/c-1") == [event["data"] for event in events]
+
+
+def test_a_record_that_is_no_consent_change_is_left_out() -> None:
+    found = history("junk")
+    [good] = log_records([changed("c-1", 0)])
+    junk = SimpleNamespace(message=SimpleNamespace(**{**vars(good.message), "value": b"not json", "offset": 1}))
+    other = SimpleNamespace(message=SimpleNamespace(**{**vars(good.message), "value": b'{"type": "consent.status"}', "offset": 2}))
+    found.table.table.apply_changelog_batch([good, junk, other])
+    assert found.changes("t1/c-1") == [changed("c-1", 0)["data"]]
+
+
+def test_with_changes_leaves_the_entry_it_is_given_as_it_was() -> None:
+    first, second = changed("c-1", 0), changed("c-1", 1)
+    entry = with_changes(None, [first])
+    assert with_changes(entry, [first]) is entry
+    longer = with_changes(entry, [first, second])
+    assert entry == {"changes": [first["data"]], "ids": [first["id"]]}
+    assert longer == {"changes": [first["data"], second["data"]], "ids": [first["id"], second["id"]]}

@@ -5,12 +5,13 @@ Where each piece of state lives, and why:
   cycles (`rules` state). Orders, commands and this stage's own fan-out topic are co-partitioned
   by that key, so one agent owns a contact's state on one worker.
 - `consent-history` (table, same key): every `consent.changed` data of the contact, in order: the
-  proof of consent `GET .../consents/proof` answers with. `consent.log` holds the same records, but
-  a topic cannot be read by key. Older changes are kept in pages written once (see `History`), so
-  a change does not re-write the contact's whole history.
+  proof of consent `GET .../consents/proof` answers with. A topic cannot be read by key, so the
+  table holds what `consent.log` holds, and is recovered from `consent.log` itself rather than from
+  a changelog of its own (see `workers/consent/history.py`).
 - `consent-schedule` (table, same key): when the contact's next reminder or expiry is due. It is
   changelogged, so reminders survive restarts and move with their partitions (see `Schedule`).
-- The three tables' changes go out with the stage's other records, batched (see `ContactTable`).
+- The contacts' and the schedule's changes go out with the stage's other records, batched (see
+  `ContactTable`).
 - Configuration (`ticketing.config`) and segment membership (`segments.members`) are read whole by
   every worker into memory. Membership has to be: the topic is keyed `{tenant}/{message}/{contact}`,
   so one message's members are spread over every partition, while a `consent.bulk-set` for that
@@ -41,7 +42,8 @@ from faust.web import Request, Response, View
 
 from workers import envelope
 from workers.consent import pages, rules, tokens
-from workers.edge import Accepted, partition_of, produce
+from workers.consent.history import History
+from workers.edge import Accepted, produce
 from workers.owners import Owners, active_partitions
 from workers.tables import ContactTable
 from workers.stage import StageContext
@@ -59,8 +61,6 @@ AT_ONCE = datetime.min.replace(tzinfo=timezone.utc)
 
 PROOF_COLUMNS = ("contact", "optin", "from", "to", "method", "channel", "ip", "user_agent", "user", "note", "at")
 EVIDENCE_COLUMNS = ("order", "text_shown", "version", "prechecked", "bulk", "request")
-# How many changes a page of a contact's history holds (see `History`).
-HISTORY_PAGE = 8
 # A spreadsheet runs a cell starting with one of these as a formula.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -135,58 +135,6 @@ class Reference:
         else:
             members.discard(contact)
         return None
-
-
-class History:
-    """Every `consent.changed` data of each contact, in order, in a `ContactTable`.
-
-    The contact's entry (`{tenant}/{contact}` -> `{"changes": [...], "pages": [salt, ...]}`)
-    holds its newest changes, at most `HISTORY_PAGE`, and one salt per full page, oldest first;
-    each page (`{"changes": [...]}`, `HISTORY_PAGE` changes) is an entry of its own, written once
-    when the newest changes overflow. So a change re-writes at most a page's worth of history, not
-    all of it. Page `n`'s key is the contact's key, `#n.` and its salt (`#` is in no id), the salt
-    chosen so Kafka's partitioner puts the key in the contact's partition: its changelog records
-    are in the contact's changelog partition, recovered and moved with the contact's entry. An
-    entry without `pages` (all a contact's history when it has few changes) is read as it is."""
-
-    def __init__(self, app: faust.App, name: str) -> None:
-        self.table = ContactTable(app, name)
-        self.partitions = int(self.table.table.partitions or app.conf.topic_partitions)
-
-    def changes(self, key: str) -> list[dict[str, Any]]:
-        """The contact's changes so far, oldest first."""
-        entry = self.table.get(key) or {}
-        changes: list[dict[str, Any]] = []
-        for number, salt in enumerate(entry.get("pages", ())):
-            changes.extend((self.table.get(_page_key(key, number, salt)) or {}).get("changes", ()))
-        changes.extend(entry.get("changes", ()))
-        return changes
-
-    def append(self, key: str, changes: list[dict[str, Any]]) -> list[envelope.Out]:
-        """Call in the contact's record context; returns the table changes to produce."""
-        entry = self.table.get(key) or {}
-        newest = [*entry.get("changes", ()), *changes]
-        pages = list(entry.get("pages", ()))
-        outs = []
-        while len(newest) > HISTORY_PAGE:
-            salt = self.salt(key, len(pages))
-            outs.append(self.table.set(_page_key(key, len(pages), salt), {"changes": newest[:HISTORY_PAGE]}))
-            pages.append(salt)
-            newest = newest[HISTORY_PAGE:]
-        outs.append(self.table.set(key, {"changes": newest, "pages": pages} if pages else {"changes": newest}))
-        return outs
-
-    def salt(self, key: str, number: int) -> int:
-        """The first salt that puts page `number` in the contact's partition (Kafka's default
-        partitioner, murmur2 of the key, as the edge produces)."""
-        wanted, salt = partition_of(key.encode(), self.partitions), 0
-        while partition_of(_page_key(key, number, salt).encode(), self.partitions) != wanted:
-            salt += 1
-        return salt
-
-
-def _page_key(key: str, number: int, salt: int) -> str:
-    return f"{key}#{number}.{salt}"
 
 
 class Schedule:
@@ -345,9 +293,9 @@ def register(app: faust.App, ctx: StageContext) -> None:
             state, outs = rules.apply(event, before, tenant.settings, tenant.optins, now(), links)
         if state != before:
             outs.append(contacts.set(key, state))
-        changes = [out.event["data"] for out in outs if out.topic == envelope.CONSENT_LOG and out.event]
+        changes = [out.event for out in outs if out.topic == envelope.CONSENT_LOG and out.event]
         if changes:
-            outs.extend(history.append(key, changes))
+            history.append(key, changes)
         due = None if state is None else rules.next_due_at(state, tenant.settings)
         return outs + schedule.set(key, item.record.message.partition, due, tenant.timing)
 

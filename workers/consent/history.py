@@ -1,0 +1,120 @@
+"""Each contact's consent history, the proof of consent: a table whose changelog is `consent.log`.
+
+The contract's `consent.log` already holds every change, keyed `{tenant}/{contact}` as the
+stage's other topics are, so the history is not written to Kafka a second time (it was a quarter
+of the bytes the stage produced). The agent stores a contact's changes as it produces them to
+`consent.log`; recovery, after every restart and rebalance, adds each `consent.log` record of the
+worker's partitions to its contact's entry. So `consent.log` must keep its records for ever, as a
+record of consent has to be kept anyway (`workers/topics.py` creates it so).
+
+An entry is `{"changes": [consent.changed data, ...], "ids": [event id, ...]}`, in the log's
+order. Recovery can read records an entry already holds: faust resumes a partition where its
+last recovery ended and does not see the agent's own writes. A record whose id the entry holds is
+passed over, so an entry holds each of its contact's records once, whatever is read again.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from types import SimpleNamespace
+from typing import Any
+
+import faust
+import orjson
+from faust.stores import rocksdb as faust_rocksdb
+from faust.stores.memory import Store as MemoryStore
+from faust.types import TP, EventT
+
+from workers import envelope
+from workers.tables import ContactTable
+
+log = logging.getLogger(__name__)
+
+Entry = dict[str, list[Any]]
+
+
+def with_changes(entry: Mapping[str, list[Any]] | None, events: Iterable[Mapping[str, Any]]) -> Mapping[str, list[Any]] | None:
+    """`entry` with the `consent.changed` events it does not hold yet appended (a new entry; the
+    one given is left as it is), or `entry` itself when it holds them all."""
+    ids = entry["ids"] if entry else []
+    new = [event for event in events if event["id"] not in ids]
+    if not new:
+        return entry
+    changes = entry["changes"] if entry else []
+    return {"changes": [*changes, *(event["data"] for event in new)], "ids": [*ids, *(event["id"] for event in new)]}
+
+
+class LogTable(faust.Table):
+    """A table recovered from a topic of `consent.changed` events: a record is added to its
+    contact's entry (`with_changes`) rather than replacing it."""
+
+    def apply_changelog_batch(self, batch: Iterable[EventT]) -> None:
+        entries: dict[bytes, tuple[Any, Any]] = {}  # key -> (entry, the last record that changed it)
+        offsets: dict[TP, int] = {}
+        for event in batch:
+            message = event.message
+            offsets[message.tp] = max(message.offset, offsets.get(message.tp, -1))
+            change = _change_of(message)
+            if change is None:
+                continue
+            entry = entries[message.key][0] if message.key in entries else self._stored(message.key, message.partition)
+            updated = with_changes(entry, [change])
+            if updated is not entry:
+                entries[message.key] = (updated, message)
+        # The store's own batch write, with each changed entry as the record to apply.
+        store = self.data
+        self.data.apply_changelog_batch(
+            [SimpleNamespace(key=key, value=entry, message=SimpleNamespace(
+                key=key, value=_encoded(store, entry), partition=message.partition, tp=message.tp, offset=message.offset))
+             for key, (entry, message) in entries.items()],
+            to_key=self._to_key,
+            to_value=self._to_value,
+        )
+        # Where the next recovery resumes, records passed over included.
+        for tp, offset in offsets.items():
+            store.set_persisted_offset(tp, offset)
+
+    def _stored(self, key: bytes, partition: int) -> Any:
+        store = self.data
+        if isinstance(store, MemoryStore):
+            return store.data.get(key)
+        raw = store._db_for_partition(partition).get(key)
+        return None if raw is None else store._decode_value(raw)
+
+
+def _encoded(store: Any, entry: Entry) -> Any:
+    # A memory store keeps values as they are; RocksDB writes the record's value bytes.
+    return store._encode_value(entry) if isinstance(store, faust_rocksdb.Store) else entry
+
+
+def _change_of(message: Any) -> dict[str, Any] | None:
+    """The `consent.changed` event a `consent.log` record holds; None (and a warning) for one that
+    holds none, which the stage never writes."""
+    try:
+        event = orjson.loads(message.value) if message.value is not None else None
+        if isinstance(event, dict) and event.get("type") == "consent.changed" and isinstance(event.get("data"), dict) and "id" in event:
+            return event
+    except orjson.JSONDecodeError:
+        pass
+    log.warning("consent history: %s[%s]@%s is not a consent.changed event; left out", message.tp.topic, message.partition, message.offset)
+    return None
+
+
+class History:
+    """Every `consent.changed` data of each contact, in order (see the module's docstring)."""
+
+    def __init__(self, app: faust.App, name: str) -> None:
+        changelog = app.topic(envelope.CONSENT_LOG, key_type=bytes, value_type=bytes)
+        table = app.tables.add(LogTable(app, name=name, default=None, key_type=bytes, changelog_topic=changelog, beacon=app.tables.beacon))
+        self.table = ContactTable(app, name, table=table)
+
+    def changes(self, key: str) -> list[dict[str, Any]]:
+        """The contact's changes so far, oldest first."""
+        entry = self.table.get(key)
+        return list(entry["changes"]) if entry else []
+
+    def append(self, key: str, events: list[dict[str, Any]]) -> None:
+        """Call in the contact's record context with the `consent.changed` events produced for it."""
+        updated = with_changes(self.table.get(key), events)
+        if updated is not None:
+            self.table.put(key, updated)
