@@ -4,7 +4,8 @@ Everything runs in one go on one fresh embedded broker, so the ratios compare
 like with like. The baseline is the floor cost of Kafka I/O in Python: consume,
 JSON-decode, JSON-encode and produce contract-sized records, no stage logic.
 Each stage is then fed pre-loaded input and timed from its first output to its
-last, as a worker process started exactly as in production.
+last, as a worker process started exactly as in production. For the consent stage the run also
+measures its I/O floor (`bench/floor.py`): the baseline's loop producing the stage's own records.
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench import consent_revoke, messages_send, prompts_http
 from bench.common import PARTITIONS, load, stage_worker
+from bench.floor import io_floor
 from workers import envelope
 from workers.edge import produce_batches
 from workers.broker import free_port, start_broker, stop_broker
@@ -35,12 +38,23 @@ IDLE_S = 5.0
 
 
 @dataclass
+class Floor:
+    """The stage's inputs and every topic it writes, for `bench.floor` (its tables' changelogs
+    are found by their prefix, `usher-{stage}-`)."""
+
+    input_topic: str
+    input_type: str
+    output_topics: tuple[str, ...]
+
+
+@dataclass
 class StageBench:
     stage: str
     output_topic: str
     inputs: Callable[[Shop], list[envelope.Out]]
     expected_outputs: Callable[[int], int]
     records: int = 20_000
+    floor: Floor | None = None
 
 
 def orders(shop: Shop, count: int) -> list[envelope.Out]:
@@ -74,7 +88,8 @@ STAGE_BENCHES = [
     StageBench("prompts", envelope.PROMPTS, lambda shop: checkouts(shop, 20_000), lambda n: n),
     # Consent changes, as issue #4 counts them: a `consent.changed` per opt-in whose status an order
     # changes (the shop's orders answer two opt-ins each).
-    StageBench("consent", envelope.CONSENT_LOG, lambda shop: orders(shop, 20_000), lambda n: 2 * n),
+    StageBench("consent", envelope.CONSENT_LOG, lambda shop: orders(shop, 20_000), lambda n: 2 * n,
+               floor=Floor(envelope.ORDERS, "order.placed", (envelope.CONSENT_LOG, envelope.CONSENT_STATE, envelope.OUTBOX))),
     StageBench("segments", envelope.CONTACTS_STATE, lambda shop: orders(shop, 20_000), lambda n: n),
     StageBench("messages", envelope.DELIVERIES, lambda shop: message_requests(shop, 20_000), lambda n: n),
 ]
@@ -164,6 +179,18 @@ async def measure_stage(bootstrap: str, bench: StageBench, workdir: Path) -> dic
             "inputs": len(inputs)}
 
 
+async def measure_floor(bootstrap: str, bench: StageBench, base: float) -> dict[str, Any]:
+    """Run right after the stage's bench, while its topics hold only what that bench wrote."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    changelogs = sorted(topic for topic in await admin.list_topics() if topic.startswith(f"usher-{bench.stage}-"))
+    await admin.close()
+    spec = bench.floor
+    found = await io_floor(bootstrap, spec.input_topic, spec.input_type, [*spec.output_topics, *changelogs], bench.output_topic, PARTITIONS)
+    return {"io_floor_per_s": round(found["counted_per_s"], 1), "io_floor_ratio": round(found["counted_per_s"] / base, 3) if base else 0.0,
+            "io_floor_records_per_input": round(found["records_per_input"], 2)}
+
+
 async def main() -> dict[str, Any]:
     port = free_port()
     broker = start_broker(port)
@@ -171,8 +198,6 @@ async def main() -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="usher-bench-"))
     try:
         await create_topics(bootstrap, PARTITIONS)
-        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         await admin.start()
         await admin.create_topics([NewTopic("bench.baseline.in", PARTITIONS, 1), NewTopic("bench.baseline.out", PARTITIONS, 1)])
@@ -183,6 +208,8 @@ async def main() -> dict[str, Any]:
         for bench in STAGE_BENCHES:
             figures = await measure_stage(bootstrap, bench, workdir)
             figures["ratio"] = round(figures["per_s"] / base, 3) if base else 0.0
+            if bench.floor is not None:
+                figures |= await measure_floor(bootstrap, bench, base)
             results["stages"][bench.stage] = figures
             print(f"{bench.stage:9} {figures['per_s']:10.0f} records/s  ratio {figures['ratio']:.3f}  ({figures})", flush=True)
         for name, extra in EXTRA_BENCHES:
