@@ -8,7 +8,7 @@ import orjson
 from faust.types import TP
 
 from workers import envelope
-from workers.consent.history import History, with_changes
+from workers.consent.history import History
 
 PARTITIONS = 6
 
@@ -49,8 +49,7 @@ def test_records_read_again_are_each_kept_once() -> None:
     events = [changed("c-1", n) for n in range(4)]
     found.table.table.apply_changelog_batch(log_records(events[:1]))
     # The agent stores the next two as it produces them, then a recovery reads the log from the start.
-    entry = with_changes(found.table.get("t1/c-1"), events[1:3])
-    found.table.put("t1/c-1", entry)
+    found.append("t1/c-1", events[1:3])
     found.table.table.apply_changelog_batch(log_records(events))
     found.table.table.apply_changelog_batch(log_records(events[2:], first_offset=2))
     assert found.changes("t1/c-1") == [event["data"] for event in events]
@@ -63,12 +62,3 @@ def test_a_record_that_is_no_consent_change_is_left_out() -> None:
     other = SimpleNamespace(message=SimpleNamespace(**{**vars(good.message), "value": b'{"type": "consent.status"}', "offset": 2}))
     found.table.table.apply_changelog_batch([good, junk, other])
     assert found.changes("t1/c-1") == [changed("c-1", 0)["data"]]
-
-
-def test_with_changes_leaves_the_entry_it_is_given_as_it_was() -> None:
-    first, second = changed("c-1", 0), changed("c-1", 1)
-    entry = with_changes(None, [first])
-    assert with_changes(entry, [first]) is entry
-    longer = with_changes(entry, [first, second])
-    assert entry == {"changes": [first["data"]], "ids": [first["id"]]}
-    assert longer == {"changes": [first["data"], second["data"]], "ids": [first["id"], second["id"]]}

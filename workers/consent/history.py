@@ -15,7 +15,7 @@ passed over, so an entry holds each of its contact's records once, whatever is r
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import Any
 
@@ -33,23 +33,13 @@ log = logging.getLogger(__name__)
 Entry = dict[str, list[Any]]
 
 
-def with_changes(entry: Mapping[str, list[Any]] | None, events: Iterable[Mapping[str, Any]]) -> Mapping[str, list[Any]] | None:
-    """`entry` with the `consent.changed` events it does not hold yet appended (a new entry; the
-    one given is left as it is), or `entry` itself when it holds them all."""
-    ids = entry["ids"] if entry else []
-    new = [event for event in events if event["id"] not in ids]
-    if not new:
-        return entry
-    changes = entry["changes"] if entry else []
-    return {"changes": [*changes, *(event["data"] for event in new)], "ids": [*ids, *(event["id"] for event in new)]}
-
-
 class LogTable(faust.Table):
     """A table recovered from a topic of `consent.changed` events: a record is added to its
-    contact's entry (`with_changes`) rather than replacing it."""
+    contact's entry, unless the entry holds its id already, rather than replacing the entry."""
 
     def apply_changelog_batch(self, batch: Iterable[EventT]) -> None:
-        entries: dict[bytes, tuple[Any, Any]] = {}  # key -> (entry, the last record that changed it)
+        # key -> (entry, its ids, the last record added to it or None)
+        entries: dict[bytes, tuple[Entry, set[str], Any]] = {}
         offsets: dict[TP, int] = {}
         for event in batch:
             message = event.message
@@ -57,16 +47,21 @@ class LogTable(faust.Table):
             change = _change_of(message)
             if change is None:
                 continue
-            entry = entries[message.key][0] if message.key in entries else self._stored(message.key, message.partition)
-            updated = with_changes(entry, [change])
-            if updated is not entry:
-                entries[message.key] = (updated, message)
-        # The store's own batch write, with each changed entry as the record to apply.
+            if message.key not in entries:
+                entry = self._stored(message.key, message.partition) or {"changes": [], "ids": []}
+                entries[message.key] = (entry, set(entry["ids"]), None)
+            entry, ids, _ = entries[message.key]
+            if change["id"] not in ids:
+                ids.add(change["id"])
+                entry["changes"].append(change["data"])
+                entry["ids"].append(change["id"])
+                entries[message.key] = (entry, ids, message)
+        # The store's own batch write, with each entry read as the record to apply.
         store = self.data
         self.data.apply_changelog_batch(
             [SimpleNamespace(key=key, value=entry, message=SimpleNamespace(
                 key=key, value=_encoded(store, entry), partition=message.partition, tp=message.tp, offset=message.offset))
-             for key, (entry, message) in entries.items()],
+             for key, (entry, _, message) in entries.items() if message is not None],
             to_key=self._to_key,
             to_value=self._to_value,
         )
@@ -114,7 +109,10 @@ class History:
         return list(entry["changes"]) if entry else []
 
     def append(self, key: str, events: list[dict[str, Any]]) -> None:
-        """Call in the contact's record context with the `consent.changed` events produced for it."""
-        updated = with_changes(self.table.get(key), events)
-        if updated is not None:
-            self.table.put(key, updated)
+        """Call in the contact's record context with the `consent.changed` events produced for it.
+        Not checked against the entry's ids: the rules never make a change twice (a record handled
+        again finds its change already made), and the check would cost a scan of the contact's ids."""
+        entry = self.table.get(key) or {"changes": [], "ids": []}
+        entry["changes"].extend(event["data"] for event in events)
+        entry["ids"].extend(event["id"] for event in events)
+        self.table.put(key, entry)
