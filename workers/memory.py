@@ -5,6 +5,12 @@ reached 581 MB, of which the Python heap held under 70 MB. The rest was glibc's:
 (faust's consumer thread, RocksDB's) gets its own 64 MB malloc arena, and records allocated on
 one thread and freed on another leave those arenas fragmented and never returned. Fewer arenas
 and a periodic `malloc_trim` brought it to 317 MB at the same speed.
+
+Buffers of 256 KB and more (fetch responses, SendGrid request bodies and their answers) are
+mapped on their own and unmapped when freed. glibc's default threshold starts at 128 KB but rises
+to the size of each mapped buffer freed, up to 32 MB, after which such buffers come from the
+arenas and leave them fragmented: at a million recipients, 281 MB at the peak with the default,
+246 MB with the threshold fixed, at the same speed (3,911 and 4,122 mails/s, one run each).
 """
 from __future__ import annotations
 
@@ -14,9 +20,12 @@ import gc
 
 import faust
 
-# glibc's mallopt parameter for the most arenas it makes (malloc.h).
+# glibc's mallopt parameters (malloc.h): the most arenas it makes; the size from which it maps a buffer alone.
 M_ARENA_MAX = -8
+M_MMAP_THRESHOLD = -3
 MALLOC_ARENAS = 2
+# Fixed, so glibc does not raise it (see above).
+MMAP_FROM = 256 << 10
 FULL_COLLECTION_EVERY_S = 10.0
 TRIM_EVERY_S = 2.0
 
@@ -39,6 +48,7 @@ def tune_process() -> None:
     gc.set_threshold(50_000, 20, 20)
     if _LIBC is not None:
         _LIBC.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+        _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_FROM)
 
 
 def release_free_memory() -> None:
