@@ -3,18 +3,21 @@ benchmark on its own broker (`python -m bench.<name>`)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from itertools import islice
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
 
 from workers import demo, envelope
 from workers.edge import produce_batches
@@ -35,6 +38,33 @@ async def load(bootstrap: str, outs: Iterable[envelope.Out]) -> None:
         while chunk := list(islice(records, LOAD_CHUNK)):
             await produce_batches(producer, chunk)
     finally:
+        await producer.stop()
+
+
+async def bare_loop(bootstrap: str, topic: str, count: int, outputs: Callable[[list[ConsumerRecord]], list[envelope.Out]]) -> float:
+    """The baseline's loop, as a competent hand-written one would be: consume `topic` from its
+    start in batches, produce `outputs(records)` of each batch, commit. Seconds from the first
+    batch until `count` records were read."""
+    gc.collect()
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"bench-{topic}", auto_offset_reset="earliest",
+                                max_poll_records=2000, fetch_max_bytes=8 * 1024 * 1024, enable_auto_commit=False)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2, max_batch_size=512 * 1024)
+    await consumer.start()
+    await producer.start()
+    try:
+        seen, started = 0, None
+        while seen < count:
+            batches = await consumer.getmany(timeout_ms=500, max_records=2000)
+            if not batches:
+                continue
+            started = started or time.perf_counter()
+            records = [record for records in batches.values() for record in records]
+            await produce_batches(producer, outputs(records))
+            await consumer.commit()
+            seen += len(records)
+        return time.perf_counter() - started
+    finally:
+        await consumer.stop()
         await producer.stop()
 
 

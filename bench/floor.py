@@ -9,16 +9,14 @@ run as the baseline; the stage's rate over it is what its own work costs.
 """
 from __future__ import annotations
 
-import gc
 import random
-import time
 from collections.abc import Sequence
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from bench.common import bare_loop
 from workers import envelope
-from workers.edge import produce_batches
 
 FLOOR_PREFIX = "bench.floor."
 
@@ -45,38 +43,30 @@ async def written(bootstrap: str, topics: Sequence[str], partitions: int) -> lis
     return outs
 
 
-async def io_floor(bootstrap: str, input_topic: str, input_type: str, output_topics: Sequence[str], counted_topic: str,
+async def io_floor(bootstrap: str, input_topic: str, inputs: int, output_topics: Sequence[str], counted_topic: str,
                    partitions: int) -> dict[str, float]:
-    """The bare loop over `input_topic`'s `input_type` records; per second, inputs and `counted_topic` records."""
+    """The baseline's loop over the `inputs` records on `input_topic`, producing the records now on
+    `output_topics`; per second, inputs and `counted_topic` records."""
     outs = await written(bootstrap, output_topics, partitions)
     counted = sum(1 for out in outs if out.topic == FLOOR_PREFIX + counted_topic)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     await admin.create_topics([NewTopic(FLOOR_PREFIX + topic, partitions, 1) for topic in output_topics])
     await admin.close()
-    consumer = AIOKafkaConsumer(input_topic, bootstrap_servers=bootstrap, group_id=f"bench-floor-{input_topic}", auto_offset_reset="earliest",
-                                max_poll_records=2000, fetch_max_bytes=8 * 1024 * 1024, enable_auto_commit=False)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2, max_batch_size=512 * 1024)
-    await consumer.start()
-    await producer.start()
-    try:
-        inputs = [o.event for o in await written(bootstrap, [input_topic], partitions) if o.event and o.event["type"] == input_type]
-        per_input = len(outs) / max(1, len(inputs))
-        gc.collect()
-        seen, produced, started = 0, 0, None
-        while seen < len(inputs):
-            batches = await consumer.getmany(timeout_ms=500, max_records=2000)
-            if not batches:
-                continue
-            started = started or time.perf_counter()
-            events = [envelope.loads(r.value) for records in batches.values() for r in records]
-            seen += sum(1 for event in events if event["type"] == input_type)
-            upto = min(len(outs), round(seen * per_input))
-            await produce_batches(producer, [envelope.Out(o.topic, o.key, o.event) for o in outs[produced:upto]])
-            produced = upto
-            await consumer.commit()
-        elapsed = time.perf_counter() - started
-        return {"inputs_per_s": len(inputs) / elapsed, "counted_per_s": counted / elapsed, "records_per_input": per_input}
-    finally:
-        await consumer.stop()
-        await producer.stop()
+    per_input = len(outs) / max(1, inputs)
+    seen = produced = 0
+    decoded: list = []
+
+    def outputs(records: list) -> list[envelope.Out]:
+        """Its share of the stage's records for a batch of inputs, each a new `Out`, as the stage
+        makes them. The inputs are decoded and kept so until the next batch, as the stage holds a
+        batch's events while its records are produced."""
+        nonlocal seen, produced, decoded
+        decoded = [envelope.loads(record.value) for record in records]
+        seen += len(records)
+        upto = min(len(outs), round(seen * per_input))
+        share, produced = outs[produced:upto], upto
+        return [envelope.Out(out.topic, out.key, out.event) for out in share]
+
+    elapsed = await bare_loop(bootstrap, input_topic, inputs, outputs)
+    return {"inputs_per_s": inputs / elapsed, "counted_per_s": counted / elapsed, "records_per_input": per_input}

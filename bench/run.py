@@ -10,7 +10,6 @@ measures its I/O floor (`bench/floor.py`): the baseline's loop producing the sta
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import os
 import tempfile
@@ -20,14 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench import consent_revoke, messages_send, prompts_http
-from bench.common import PARTITIONS, load, stage_worker
+from bench.common import PARTITIONS, bare_loop, load, stage_worker
 from bench.floor import io_floor
 from workers import envelope
-from workers.edge import produce_batches
 from workers.broker import free_port, start_broker, stop_broker
 from workers.shop import Shop
 from workers.topics import create_topics
@@ -43,7 +41,6 @@ class Floor:
     are found by their prefix, `usher-{stage}-`)."""
 
     input_topic: str
-    input_type: str
     output_topics: tuple[str, ...]
 
 
@@ -89,7 +86,7 @@ STAGE_BENCHES = [
     # Consent changes, as issue #4 counts them: a `consent.changed` per opt-in whose status an order
     # changes (the shop's orders answer two opt-ins each).
     StageBench("consent", envelope.CONSENT_LOG, lambda shop: orders(shop, 20_000), lambda n: 2 * n,
-               floor=Floor(envelope.ORDERS, "order.placed", (envelope.CONSENT_LOG, envelope.CONSENT_STATE, envelope.OUTBOX))),
+               floor=Floor(envelope.ORDERS, (envelope.CONSENT_LOG, envelope.CONSENT_STATE, envelope.OUTBOX))),
     StageBench("segments", envelope.CONTACTS_STATE, lambda shop: orders(shop, 20_000), lambda n: n),
     StageBench("messages", envelope.DELIVERIES, lambda shop: message_requests(shop, 20_000), lambda n: n),
 ]
@@ -118,32 +115,14 @@ class OutputCounter:
 
 
 async def baseline(bootstrap: str, shop: Shop) -> float:
-    """Bare aiokafka: consume, decode, encode and produce in batches, as a
-    competent hand-written loop would; records per second."""
+    """Bare aiokafka: consume, decode, encode and produce in batches; records per second."""
     topic_in, topic_out = "bench.baseline.in", "bench.baseline.out"
     await load(bootstrap, [envelope.Out(topic_in, out.key, out.event) for out in orders(shop, BASELINE_RECORDS)])
-    gc.collect()
-    consumer = AIOKafkaConsumer(topic_in, bootstrap_servers=bootstrap, group_id="bench-baseline", auto_offset_reset="earliest",
-                                max_poll_records=2000, fetch_max_bytes=8 * 1024 * 1024, enable_auto_commit=False)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2, max_batch_size=512 * 1024)
-    await consumer.start()
-    await producer.start()
-    try:
-        seen, started = 0, None
-        while seen < BASELINE_RECORDS:
-            batches = await consumer.getmany(timeout_ms=500, max_records=2000)
-            if not batches:
-                continue
-            started = started or time.perf_counter()
-            forwarded = [envelope.Out(topic_out, record.key.decode(), envelope.loads(record.value))
-                         for records in batches.values() for record in records]
-            await produce_batches(producer, forwarded)
-            await consumer.commit()
-            seen += len(forwarded)
-        return BASELINE_RECORDS / (time.perf_counter() - started)
-    finally:
-        await consumer.stop()
-        await producer.stop()
+
+    def forwarded(records: list) -> list[envelope.Out]:
+        return [envelope.Out(topic_out, record.key.decode(), envelope.loads(record.value)) for record in records]
+
+    return BASELINE_RECORDS / await bare_loop(bootstrap, topic_in, BASELINE_RECORDS, forwarded)
 
 
 async def measure_stage(bootstrap: str, bench: StageBench, workdir: Path) -> dict[str, Any]:
@@ -179,14 +158,15 @@ async def measure_stage(bootstrap: str, bench: StageBench, workdir: Path) -> dic
             "inputs": len(inputs)}
 
 
-async def measure_floor(bootstrap: str, bench: StageBench, base: float) -> dict[str, Any]:
-    """Run right after the stage's bench, while its topics hold only what that bench wrote."""
+async def measure_floor(bootstrap: str, bench: StageBench, inputs: int, base: float) -> dict[str, Any]:
+    """Run right after the stage's bench, while its topics hold only what that bench wrote
+    (`inputs` records on the input topic, and what the stage made of them)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     changelogs = sorted(topic for topic in await admin.list_topics() if topic.startswith(f"usher-{bench.stage}-"))
     await admin.close()
     spec = bench.floor
-    found = await io_floor(bootstrap, spec.input_topic, spec.input_type, [*spec.output_topics, *changelogs], bench.output_topic, PARTITIONS)
+    found = await io_floor(bootstrap, spec.input_topic, inputs, [*spec.output_topics, *changelogs], bench.output_topic, PARTITIONS)
     return {"io_floor_per_s": round(found["counted_per_s"], 1), "io_floor_ratio": round(found["counted_per_s"] / base, 3) if base else 0.0,
             "io_floor_records_per_input": round(found["records_per_input"], 2)}
 
@@ -209,7 +189,7 @@ async def main() -> dict[str, Any]:
             figures = await measure_stage(bootstrap, bench, workdir)
             figures["ratio"] = round(figures["per_s"] / base, 3) if base else 0.0
             if bench.floor is not None:
-                figures |= await measure_floor(bootstrap, bench, base)
+                figures |= await measure_floor(bootstrap, bench, figures["inputs"], base)
             results["stages"][bench.stage] = figures
             print(f"{bench.stage:9} {figures['per_s']:10.0f} records/s  ratio {figures['ratio']:.3f}  ({figures})", flush=True)
         for name, extra in EXTRA_BENCHES:

@@ -11,6 +11,16 @@ from faust.stores.memory import Store as MemoryStore
 from workers import envelope
 
 
+def entries_of(table: faust.Table) -> MutableMapping[bytes, Any]:
+    """Where a table's entries are read and written directly: its store, not faust's `Table` (its
+    key events and `__missing__` cost more than a rule). A memory store's own dict is used as it
+    is, since the store's `get` is `Mapping.get`, a few Python calls and, for a key not there (a
+    contact's first record), a raised KeyError. Call it once the app is configured (the store is
+    made on first use)."""
+    store = table.data
+    return store.data if isinstance(store, MemoryStore) else store
+
+
 class ContactTable:
     """A faust table keyed `{tenant}/{contact}` whose changes are produced with the stage's other
     records, in one batch per partition, instead of by faust one send at a time (which costs more
@@ -19,19 +29,13 @@ class ContactTable:
     lands in the changelog partition of the record's own partition (the key's, murmur2 as
     everywhere), as faust's would; recovery and standbys read that changelog as usual."""
 
-    def __init__(self, app: faust.App, name: str, *, table: faust.Table | None = None) -> None:
-        """`table`: one made elsewhere (with a changelog of its own choosing), else a new `app.Table`."""
-        self.table = app.Table(name, default=None, key_type=bytes) if table is None else table
+    def __init__(self, app: faust.App, name: str) -> None:
+        self.table = app.Table(name, default=None, key_type=bytes)
         self.changelog = self.table.changelog_topic.get_topic_name()
 
     @cached_property
     def _values(self) -> MutableMapping[bytes, Any]:
-        """Where entries are read and written: the store, not faust's `Table` (its key events and
-        `__missing__` cost more than a rule). A memory store's own dict is used as it is, since the
-        store's `get` is `Mapping.get`, a few Python calls and, for a key not there (a contact's
-        first record), a raised KeyError."""
-        store = self.table.data
-        return store.data if isinstance(store, MemoryStore) else store
+        return entries_of(self.table)
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self._values.get(key.encode())
@@ -43,12 +47,8 @@ class ContactTable:
         """Call `callback` whenever the table has been recovered, after every rebalance."""
         self.table.on_recover(callback)
 
-    def put(self, key: str, value: dict[str, Any]) -> None:
-        """Store `value` and produce nothing: for a table whose changelog records the stage writes anyway."""
-        self._values[key.encode()] = value
-
     def set(self, key: str, value: dict[str, Any]) -> envelope.Out:
-        self.put(key, value)
+        self._values[key.encode()] = value
         return envelope.Out(self.changelog, key, value)
 
     def delete(self, key: str) -> envelope.Out:

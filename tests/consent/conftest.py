@@ -117,7 +117,7 @@ class MovedClock:
         self.kafka = Kafka(broker.removeprefix("kafka://"))
         self.driver: ConsentDriver | None = None
 
-    def restart(self, days_ahead: float, **env: str) -> ConsentDriver:
+    def restart(self, days_ahead: float = 0, **env: str) -> ConsentDriver:
         """`env`: more of the worker's settings, e.g. `USHER_STORE`."""
         self.stop()
         env = {"USHER_SECRET": SECRET, "USHER_CLOCK_OFFSET_S": str(days_ahead * 24 * 3600), **env}

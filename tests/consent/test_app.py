@@ -282,17 +282,17 @@ def test_the_proof_holds_every_change_once_across_restarts(moved_clock, tenant: 
     """The history is recovered from consent.log after each restart; with RocksDB, recovery reads
     again records the worker had stored as it made them."""
     env = {"USHER_STORE": store, "USHER_API_TOKENS": f"{tenant}=proof-token"}
-    consent = moved_clock.restart(days_ahead=0, **env)
+    consent = moved_clock.restart(**env)
     consent.configure(tenant, double_opt_in=False)
     consent.order(tenant, "c-1", {"newsletter": True, "partners": False})
     consent.changes(tenant, "c-1", 2)
 
-    consent = moved_clock.restart(days_ahead=0, **env)
+    consent = moved_clock.restart(**env)
     consent.command(tenant, "consent.revoke", {"contact": "c-1", "optin": "newsletter", "channel": "portal"})
     logged = consent.changes(tenant, "c-1", 3)
     assert [(c["optin"], c["to"]) for c in logged] == [("newsletter", "opted_in"), ("partners", "opted_out"), ("newsletter", "opted_out")]
 
     for _ in range(2):
-        consent = moved_clock.restart(days_ahead=0, **env)
+        consent = moved_clock.restart(**env)
         status, body, _ = http("GET", f"{consent.worker.url}/v1/contacts/{tenant}/c-1/consents/proof", token="proof-token")
         assert (status, body) == (200, {"contact": "c-1", "changes": logged})

@@ -36,8 +36,8 @@ def log_records(events: list[dict], partition: int = 2, first_offset: int = 0) -
 def test_the_history_is_recovered_from_the_consent_log_in_order() -> None:
     found = history("recovery")
     events = [changed("c-1", 0), changed("c-2", 0), changed("c-1", 1), changed("c-1", 2)]
-    found.table.table.apply_changelog_batch(log_records(events[:2]))
-    found.table.table.apply_changelog_batch(log_records(events[2:], first_offset=2))
+    found.table.apply_changelog_batch(log_records(events[:2]))
+    found.table.apply_changelog_batch(log_records(events[2:], first_offset=2))
     assert found.changes("t1/c-1") == [events[0]["data"], events[2]["data"], events[3]["data"]]
     assert found.changes("t1/c-2") == [events[1]["data"]]
     assert found.changes("t1/c-3") == []
@@ -47,11 +47,11 @@ def test_records_read_again_are_each_kept_once() -> None:
     """Recovery resumes where the last one ended, so it reads again what the agent stored since."""
     found = history("again")
     events = [changed("c-1", n) for n in range(4)]
-    found.table.table.apply_changelog_batch(log_records(events[:1]))
+    found.table.apply_changelog_batch(log_records(events[:1]))
     # The agent stores the next two as it produces them, then a recovery reads the log from the start.
     found.append("t1/c-1", events[1:3])
-    found.table.table.apply_changelog_batch(log_records(events))
-    found.table.table.apply_changelog_batch(log_records(events[2:], first_offset=2))
+    found.table.apply_changelog_batch(log_records(events))
+    found.table.apply_changelog_batch(log_records(events[2:], first_offset=2))
     assert found.changes("t1/c-1") == [event["data"] for event in events]
 
 
@@ -60,5 +60,5 @@ def test_a_record_that_is_no_consent_change_is_left_out() -> None:
     [good] = log_records([changed("c-1", 0)])
     junk = SimpleNamespace(message=SimpleNamespace(**{**vars(good.message), "value": b"not json", "offset": 1}))
     other = SimpleNamespace(message=SimpleNamespace(**{**vars(good.message), "value": b'{"type": "consent.status"}', "offset": 2}))
-    found.table.table.apply_changelog_batch([good, junk, other])
+    found.table.apply_changelog_batch([good, junk, other])
     assert found.changes("t1/c-1") == [changed("c-1", 0)["data"]]

@@ -15,22 +15,26 @@ passed over, so an entry holds each of its contact's records once, whatever is r
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
+from functools import cached_property
 from types import SimpleNamespace
 from typing import Any
 
 import faust
 import orjson
 from faust.stores import rocksdb as faust_rocksdb
-from faust.stores.memory import Store as MemoryStore
 from faust.types import TP, EventT
 
 from workers import envelope
-from workers.tables import ContactTable
+from workers.tables import entries_of
 
 log = logging.getLogger(__name__)
 
 Entry = dict[str, list[Any]]
+
+
+def _new_entry() -> Entry:
+    return {"changes": [], "ids": []}
 
 
 class LogTable(faust.Table):
@@ -48,7 +52,7 @@ class LogTable(faust.Table):
             if change is None:
                 continue
             if message.key not in entries:
-                entry = self._stored(message.key, message.partition) or {"changes": [], "ids": []}
+                entry = self._stored(message.key, message.partition) or _new_entry()
                 entries[message.key] = (entry, set(entry["ids"]), None)
             entry, ids, _ = entries[message.key]
             if change["id"] not in ids:
@@ -58,7 +62,7 @@ class LogTable(faust.Table):
                 entries[message.key] = (entry, ids, message)
         # The store's own batch write, with each entry read as the record to apply.
         store = self.data
-        self.data.apply_changelog_batch(
+        store.apply_changelog_batch(
             [SimpleNamespace(key=key, value=entry, message=SimpleNamespace(
                 key=key, value=_encoded(store, entry), partition=message.partition, tp=message.tp, offset=message.offset))
              for key, (entry, _, message) in entries.items() if message is not None],
@@ -71,8 +75,9 @@ class LogTable(faust.Table):
 
     def _stored(self, key: bytes, partition: int) -> Any:
         store = self.data
-        if isinstance(store, MemoryStore):
-            return store.data.get(key)
+        if not isinstance(store, faust_rocksdb.Store):
+            return entries_of(self).get(key)
+        # Not the store's own get: outside a record's context it looks in every partition's DB.
         raw = store._db_for_partition(partition).get(key)
         return None if raw is None else store._decode_value(raw)
 
@@ -96,23 +101,27 @@ def _change_of(message: Any) -> dict[str, Any] | None:
 
 
 class History:
-    """Every `consent.changed` data of each contact, in order (see the module's docstring)."""
+    """Every `consent.changed` data of each contact, in order (see the module's docstring). The
+    agent writes the table's store only: its records on `consent.log` are the changelog."""
 
     def __init__(self, app: faust.App, name: str) -> None:
         changelog = app.topic(envelope.CONSENT_LOG, key_type=bytes, value_type=bytes)
-        table = app.tables.add(LogTable(app, name=name, default=None, key_type=bytes, changelog_topic=changelog, beacon=app.tables.beacon))
-        self.table = ContactTable(app, name, table=table)
+        self.table = app.tables.add(LogTable(app, name=name, default=None, key_type=bytes, changelog_topic=changelog, beacon=app.tables.beacon))
+
+    @cached_property
+    def _entries(self) -> MutableMapping[bytes, Any]:
+        return entries_of(self.table)
 
     def changes(self, key: str) -> list[dict[str, Any]]:
         """The contact's changes so far, oldest first."""
-        entry = self.table.get(key)
+        entry = self._entries.get(key.encode())
         return list(entry["changes"]) if entry else []
 
     def append(self, key: str, events: list[dict[str, Any]]) -> None:
         """Call in the contact's record context with the `consent.changed` events produced for it.
         Not checked against the entry's ids: the rules never make a change twice (a record handled
         again finds its change already made), and the check would cost a scan of the contact's ids."""
-        entry = self.table.get(key) or {"changes": [], "ids": []}
+        entry = self._entries.get(key.encode()) or _new_entry()
         entry["changes"].extend(event["data"] for event in events)
         entry["ids"].extend(event["id"] for event in events)
-        self.table.put(key, entry)
+        self._entries[key.encode()] = entry
