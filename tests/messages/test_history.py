@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
+import faust
 import pytest
 
+from workers.edge import Accepted, Delivered
+from workers.envelope import make_event
+from workers.messages import app as messages_app
 from workers.messages.rules import (
     contact_history_key,
     contact_history_page,
@@ -117,3 +122,33 @@ def test_a_contact_sees_its_own_messages_including_tests_and_opt_in_mails() -> N
         "items": [{"request": "r1", "message": "msg-1", "kind": "event-message", "channel": "email",
                    "status": "clicked", "at": "2026-11-30T12:10:00.000Z"}],
     }
+
+
+async def test_pages_follow_the_order_statuses_came_in_across_order_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's tables, without a broker: rows in chunks of two, pages of three."""
+    monkeypatch.setattr(messages_app, "ORDER_CHUNK", 2)
+    app = faust.App("test-history-order", broker="kafka://localhost:1", store="memory://", topic_partitions=6, autodiscover=False)
+    table = messages_app.batched_table(app, "messages-history")
+    monkeypatch.setattr(table, "flush", _nothing_to_flush)
+    agent = messages_app.History(SimpleNamespace(edge=None), table)
+    sent = [status(f"r{n}", f"c-{n}", "sent", f"12:00:0{n}") for n in (5, 3, 1, 4, 2)]
+    later = [status("r3", "c-3", "delivered", "12:01:00"), status("r6", "c-6", "failed", "12:02:00")]
+
+    await agent.handle([accepted(item) for item in sent[:3]])
+    await agent.handle([accepted(item) for item in sent[3:] + later + sent[:1]])
+
+    pages = [agent.page("t1", "msg-1", page, 3) for page in (1, 2, 3)]
+    assert [[(item["request"], item["status"]) for item in page["items"]] for page in pages] == [
+        [("r5", "sent"), ("r3", "delivered"), ("r1", "sent")], [("r4", "sent"), ("r2", "sent"), ("r6", "failed")], []]
+    assert {page["total"] for page in pages} == {6} and pages[0]["statuses"] == {"sent": 5, "delivered": 1, "failed": 1}
+    assert [item["request"] for item in agent.page("t1", "msg-1", 2, 2)["items"]] == ["r1", "r4"]
+
+
+async def _nothing_to_flush() -> None:
+    """No changelog without a broker: the table's store holds what the agent wrote."""
+
+
+def accepted(data: dict[str, Any]) -> Accepted:
+    event = make_event("delivery.status", "t1", data, source="/usher/messages")
+    message = SimpleNamespace(topic="messages.deliveries", partition=0, offset=0, key=b"t1/msg-1", value=None)
+    return Accepted(event, "t1/msg-1", Delivered(message))

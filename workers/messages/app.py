@@ -26,8 +26,8 @@ Where each piece of state lives, and why:
   call's record waits. One record per provider call, rather than one per recipient, keeps the
   sending path short.
 - `messages-history` (key `{tenant}/{message}`, as `messages.deliveries`): each message's
-  summary, its rows numbered in order of arrival (`{tenant}/{message}/#{n}`, so a page is read
-  by number) and each request's row number (`{tenant}/{message}/{request}`).
+  summary, each request's row (`{tenant}/{message}/{request}`) and the order the requests came
+  in, in chunks (`{tenant}/{message}/#{k}`, so a page is read by number; see `History`).
 
 A GET about a contact or a message is answered by the worker that owns its partition; another
 worker passes the request on to it. A `queued` status is not published: it lives in the ledger.
@@ -85,7 +85,9 @@ RECIPIENT_FIELDS = ("request", "message", "contact", "channel", "kind", "orders"
 # Callbacks kept per correlation group while its provider call's record has not come.
 MAX_WAITING = 100
 FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10)
-ROW_SEPARATOR = "/#"
+# A message history's order chunks: `{tenant}/{message}/#{k}` (a request id has no `#`).
+ORDER_SEPARATOR = "/#"
+ORDER_CHUNK = 500
 # RocksDB's defaults (per partition of every table: up to three 64 MB write buffers and a
 # 2 GB block cache) let a worker's memory grow with every mail sent. The stage's tables, all
 # their partitions together, share one block cache and one memtable budget instead.
@@ -590,15 +592,23 @@ class Callbacks:
 
 
 class History:
-    """The agent on `messages.deliveries`: folds each message's statuses into its history."""
+    """The agent on `messages.deliveries`: folds each message's statuses into its history.
+
+    Under `{tenant}/{message}` the table holds the message's summary; under
+    `{tenant}/{message}/{request}` each request's row; and under `{tenant}/{message}/#{k}` the
+    requests numbered `k * ORDER_CHUNK` on, in order of arrival, so a page is read by number.
+    A batch writes each touched summary and order chunk once: a first status costs its row, not
+    a row and a number of its own."""
 
     def __init__(self, ctx: StageContext, table: BatchedTable) -> None:
         self.ctx, self.table = ctx, table
 
     async def handle(self, items: list[Accepted]) -> list[envelope.Out]:
         outs = []
-        # Each message's summary as folded so far, and the batch's last status of the message.
+        # Each message's summary as folded so far, and the batch's last status of the message;
+        # each order chunk as the batch has extended it, with the status that last did.
         summaries: dict[str, tuple[dict[str, Any], Accepted]] = {}
+        chunks: dict[str, tuple[list[str], Accepted]] = {}
         for item in items:
             expected = rules.status_key(item.tenant, item.data)
             if item.key != expected:
@@ -607,22 +617,22 @@ class History:
             keys = rules.history_keys(item.event)
             if keys is None:
                 continue
-            summary_key, pointer = keys
+            summary_key, row_key = keys
             with item.context():
                 summary = summaries[summary_key][0] if summary_key in summaries else self.table.value(summary_key)
-                number = self.table.value(pointer)
-                row = None if number is None else self.table.value(row_key(summary_key, number))
+                row = self.table.value(row_key)
                 summary, new_row = rules.fold_status(summary, row, item.data)
-                if number is None:
-                    number = summary["recipients"] - 1
-                    self.table[pointer] = number
                 if new_row != row:
-                    self.table[row_key(summary_key, number)] = new_row
+                    self.table[row_key] = new_row
+                if row is None:
+                    key = order_chunk_key(summary_key, (summary["recipients"] - 1) // ORDER_CHUNK)
+                    order = chunks[key][0] if key in chunks else list(self.table.value(key) or ())
+                    order.append(item.data["request"])
+                    chunks[key] = (order, item)
             summaries[summary_key] = (summary, item)
-        # A summary is written once per batch, however many of its message's statuses came.
-        for summary_key, (summary, item) in summaries.items():
+        for key, (value, item) in [*summaries.items(), *chunks.items()]:
             with item.context():
-                self.table[summary_key] = summary
+                self.table[key] = value
         await self.table.flush()
         return outs
 
@@ -630,13 +640,18 @@ class History:
         summary_key = envelope.key(tenant, message)
         summary = self.table.get(summary_key)
         count = summary["recipients"] if summary else 0
-        rows = [self.table.get(row_key(summary_key, n)) for n in range((page - 1) * size, min(page * size, count))]
+        first, end = (page - 1) * size, min(page * size, count)
+        requests: list[str] = []
+        for chunk in range(first // ORDER_CHUNK, (end - 1) // ORDER_CHUNK + 1 if end > first else 0):
+            order = self.table.get(order_chunk_key(summary_key, chunk)) or []
+            requests += order[max(0, first - chunk * ORDER_CHUNK) : end - chunk * ORDER_CHUNK]
+        rows = [self.table.get(envelope.key(summary_key, request)) for request in requests]
         # The rows are the page already: rows are numbered, so a page is read by number.
         return rules.history_page(summary, [row for row in rows if row], page=1, size=size, message=message)
 
 
-def row_key(summary_key: str, number: int) -> str:
-    return f"{summary_key}{ROW_SEPARATOR}{number}"
+def order_chunk_key(summary_key: str, chunk: int) -> str:
+    return f"{summary_key}{ORDER_SEPARATOR}{chunk}"
 
 
 def _csv(value: str) -> list[str]:
