@@ -6,14 +6,17 @@ Where each piece of state lives, and why:
   `config.layout` is compiled and tried on sample data first; one that does not compile is
   dead-lettered and the previous one stays.
 - `messages-ledger` (key `{tenant}/{contact}`, as `messages.outbox`): every request of the
-  contact, `{request: row}`. It is the never-twice rule and the contact's own message history
-  (`GET /v1/contacts/{tenant}/{contact}/messages`). Before any provider call a `queued` row is
-  written and its changelog record acknowledged by Kafka; after the provider answered, the row
-  gets the outcome (`sent`, `failed`, `unknown`). A request found in the ledger is never handed
-  to a provider again: a row still `queued` (the worker stopped between the provider call and
-  the outcome) becomes `unknown` for a person to look at, and a finished one gives its status
-  again (the same record, so readers drop it as a repeat if it was already out).
-  Statuses from provider callbacks reach the row through `usher.messages.by-contact`.
+  contact, `{request: row}`, with its outcome (`sent`, `failed`, `unknown`). It is the
+  never-twice rule and the contact's own message history
+  (`GET /v1/contacts/{tenant}/{contact}/messages`). A request found in the ledger is never
+  handed to a provider again: it gives its status again (the same record, so readers drop it as
+  a repeat if it was already out). Statuses from provider callbacks reach the row through
+  `usher.messages.by-contact`.
+- `messages-in-flight` (one entry per partition): the requests handed to providers and not yet
+  in the ledger. Written, and acknowledged by Kafka, before any provider call; cleared once the
+  ledger has their outcomes. A request found there (the worker stopped between the provider
+  call and the outcome) becomes `unknown` for a person to look at. One entry per partition and
+  batch, rather than a `queued` row per request, halves the ledger's writes (see `InFlight`).
 - `messages-sends` and `messages-waiting` (keyed by correlation group, as callbacks are on
   `usher.messages.correlated`): what a provider callback needs to know about its request. After
   each provider call the sender sends one `usher.message-correlation` record per call (a
@@ -363,6 +366,54 @@ class LedgerRows:
             self.ledger[key] = rows
 
 
+class InFlight:
+    """The requests of a batch between their hand-over to a provider and their outcome in the
+    ledger: `in-flight/{partition}` -> `{"{tenant}/{contact}/{request}": provider}`, the key
+    written in a record context of its partition, so it is changelogged with the partition's
+    ledger. Each entry is read once a batch and written twice: before the providers are called,
+    and after the ledger has the outcomes. A request a failed batch handed over stays in it."""
+
+    def __init__(self, table: BatchedTable) -> None:
+        self.table = table
+        self._entries: dict[int, tuple[dict[str, str], Accepted]] = {}
+
+    def provider_of(self, item: Accepted, key: str, request: str) -> str | None:
+        """The provider a request was handed to by a batch that never recorded the outcome."""
+        return self._entry(item).get(envelope.key(key, request))
+
+    async def hand_over(self, sends: Sequence[tuple[Accepted, str, str, str]]) -> None:
+        """Records `(item, key, request, provider)` as handed over, durably."""
+        for item, key, request, provider in sends:
+            self._entry(item)[envelope.key(key, request)] = provider
+        await self._write({item.record.message.partition for item, *_ in sends})
+
+    async def recorded(self, sends: Sequence[tuple[Accepted, str, str, str]]) -> None:
+        """Call once the ledger's outcomes of `sends` are acknowledged."""
+        for item, key, request, _ in sends:
+            self._entry(item).pop(envelope.key(key, request), None)
+        await self._write({item.record.message.partition for item, *_ in sends})
+
+    def _entry(self, item: Accepted) -> dict[str, str]:
+        partition = item.record.message.partition
+        found = self._entries.get(partition)
+        if found is None:
+            with item.context():
+                found = self._entries[partition] = (dict(self.table.value(in_flight_key(partition)) or {}), item)
+        return found[0]
+
+    async def _write(self, partitions: set[int]) -> None:
+        for partition in partitions:
+            entry, item = self._entries[partition]
+            with item.context():
+                self.table[in_flight_key(partition)] = entry
+        await self.table.flush()
+
+
+def in_flight_key(partition: int) -> str:
+    # The partition in the key too: a memory:// store holds every partition in one mapping.
+    return f"in-flight/{partition}"
+
+
 def outcome_row(row: dict[str, Any] | None, status: envelope.Out) -> dict[str, Any]:
     """The ledger row once the request's own status (sent, failed, unknown) is known."""
     data = status.event["data"]
@@ -378,17 +429,18 @@ def queued_row(request: dict[str, Any], provider: str, at: str) -> dict[str, Any
 
 
 class Sender:
-    """The agent on `messages.outbox`: a batch's new requests are planned, marked `queued`
-    in the ledger (durably), handed to the providers together, and their outcomes recorded."""
+    """The agent on `messages.outbox`: a batch's new requests are planned, marked in flight
+    (durably), handed to the providers together, and their outcomes recorded in the ledger."""
 
     def __init__(self, ctx: StageContext, reference: Reference, renderer: LayoutRenderer, ledger: BatchedTable,
-                 email: EmailProvider, sms: SmsProvider) -> None:
-        self.ctx, self.reference, self.renderer, self.ledger = ctx, reference, renderer, ledger
+                 in_flight: BatchedTable, email: EmailProvider, sms: SmsProvider) -> None:
+        self.ctx, self.reference, self.renderer, self.ledger, self.in_flight = ctx, reference, renderer, ledger, in_flight
         self.email, self.sms = email, sms
         self.links = Links(secret=ctx.settings.secret, base_url=f"http://{ctx.settings.web_host}:{ctx.settings.web_port}")
 
     async def handle(self, items: list[Accepted]) -> list[envelope.Out]:
         rows = LedgerRows(self.ledger)
+        in_flight = InFlight(self.in_flight)
         outs: list[envelope.Out] = []
         sending: list[tuple[Accepted, str, EmailSend | SmsSend]] = []
         in_batch: set[tuple[str, str]] = set()
@@ -411,6 +463,8 @@ class Sender:
                 continue
             in_batch.add((key, data["request"]))
             row = rows.of(item, key).get(data["request"])
+            if row is None and (provider_name := in_flight.provider_of(item, key, data["request"])) is not None:
+                row = queued_row(item.event, provider_name, queued_at)
             if row is not None:
                 outs.extend(self._again(item, key, row, rows, correlated, now))
                 continue
@@ -419,21 +473,24 @@ class Sender:
                 outs.append(plan)
                 rows.put(item, key, outcome_row(None, plan))
                 continue
-            provider = self.email if isinstance(plan, EmailSend) else self.sms
-            rows.put(item, key, queued_row(item.event, provider.name, queued_at))
             sending.append((item, key, plan))
+        handed_over = [(item, key, plan.request, (self.email if isinstance(plan, EmailSend) else self.sms).name)
+                       for item, key, plan in sending]
         if sending:
-            # The queued rows must be in Kafka before a provider sees anything.
-            await self.ledger.flush()
+            # In Kafka before a provider sees anything.
+            await in_flight.hand_over(handed_over)
             delivered = await self._deliver(sending)
             answered = envelope.utcnow()  # the providers' answers came together
             for (item, key, plan), result in delivered:
                 status = rules.result_status(item.event, result, answered)
-                rows.put(item, key, outcome_row(rows.of(item, key)[plan.request], status))
+                rows.put(item, key, outcome_row(None, status))
                 outs.extend(self._sent_records(item, status, correlated, plan.to))
         outs.extend(correlations(correlated))
-        # Recorded outcomes are durable before the batch's offsets are committed.
+        # Recorded outcomes are durable before the batch's offsets are committed, and before
+        # their requests leave the in-flight entries.
         await self.ledger.flush()
+        if sending:
+            await in_flight.recorded(handed_over)
         return outs
 
     def _plan(self, item: Accepted, now: Any) -> EmailSend | SmsSend | envelope.Out:
@@ -446,7 +503,7 @@ class Sender:
     def _again(self, item: Accepted, key: str, row: dict[str, Any], rows: LedgerRows,
                correlated: list[tuple[str, dict[str, Any], str]], now: Any) -> list[envelope.Out]:
         """A request already in the ledger is never sent again; it gets its status again,
-        or `unknown` when its provider call was never answered."""
+        or `unknown` when its provider call was never answered (`row` has no outcome)."""
         outcome = row.get("outcome")
         if outcome is None:
             status = rules.delivery_status(item.event, "unknown", at=envelope.isotime(now), provider=row.get("provider"),
@@ -729,7 +786,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
                             rate_per_s=settings.sms_rate_per_s)
     share_stage_rocksdb(ctx.edge.seen.table)
     ledger = batched_table(app, f"{ctx.name}-ledger")
-    sender = Sender(ctx, reference, renderer, ledger, email, sms)
+    sender = Sender(ctx, reference, renderer, ledger, batched_table(app, f"{ctx.name}-in-flight"), email, sms)
     ctx.edge.subscribe("outbox", [envelope.OUTBOX, BY_CONTACT], on_batch=sender.handle)
 
     callbacks = Callbacks(ctx, reference, batched_table(app, f"{ctx.name}-sends"), batched_table(app, f"{ctx.name}-waiting"))
