@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import lru_cache
 from time import monotonic
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import faust
 import orjson
@@ -81,6 +81,14 @@ class AsCurrentEvent:
 
     def __exit__(self, *exc_info: object) -> None:
         _current_event.reset(self.token)
+
+
+class StagedWrites(Protocol):
+    """Table writes a stage's handlers made for a batch, kept until its records are in Kafka."""
+
+    def write(self) -> None: ...
+
+    def discard(self) -> None: ...
 
 
 RecordHandler = Callable[[Accepted], "Iterable[envelope.Out] | Awaitable[Iterable[envelope.Out]]"]
@@ -156,6 +164,12 @@ class Edge:
         self.seen = SeenLog(app, stage, dedupe_window)
         # Reference feeds this stage's handlers need before they can decide anything.
         self.waits: list[asyncio.Event] = []
+        self._staged: list[StagedWrites] = []
+
+    def stage_writes(self, staged: StagedWrites) -> None:
+        """Have `staged` written after each batch, once Kafka has acknowledged the batch's records,
+        and discarded when they could not be produced."""
+        self._staged.append(staged)
 
     def subscribe(
         self,
@@ -256,7 +270,14 @@ class Edge:
                 log.exception("%s: batch handler failed", self.stage)
                 outs.extend(self._reject(_handler_error(exc), a.record, a.event) for a in accepted)
 
-        await self.produce(outs)
+        try:
+            await self.produce(outs)
+        except BaseException:
+            for staged in self._staged:
+                staged.discard()
+            raise
+        for staged in self._staged:
+            staged.write()
         # Only what was handled counts as seen: a parked record can be replayed once fixed.
         self.seen.add((item, dedupe_key(item.event)) for item in handled)
 

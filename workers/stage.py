@@ -20,6 +20,7 @@ from workers.edge import Edge
 from workers.transport import App
 from workers.feed import Feed, FeedHandler
 from workers.settings import Settings
+from workers.tables import use_stage_rocksdb
 from workers.web import register_health
 
 STAGES = ("prompts", "consent", "segments", "messages")
@@ -108,5 +109,6 @@ def build_app(stages: tuple[str, ...], settings: Settings) -> faust.App:
         module = importlib.import_module(f"workers.{stage}.app")
         edge = Edge(app, stage, batch_size=settings.batch_size, batch_within_s=settings.batch_within_s, dedupe_window=settings.dedupe_window)
         module.register(app, StageContext(stage, app, settings, edge, ready_events))
+    use_stage_rocksdb(app)
     logging.getLogger("workers").setLevel(logging.INFO)
     return app

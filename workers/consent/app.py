@@ -43,7 +43,7 @@ from faust.web import Request, Response, View
 from workers import envelope
 from workers.consent import pages, rules, tokens
 from workers.consent.history import History
-from workers.edge import Accepted, produce
+from workers.edge import Accepted, Edge, produce
 from workers.owners import Owners, active_partitions
 from workers.tables import ContactTable
 from workers.stage import StageContext
@@ -148,9 +148,9 @@ class Schedule:
     An entry computed with settings that have since changed is due at once: the agent recomputes it.
     """
 
-    def __init__(self, app: faust.App, stage: str) -> None:
-        self.app = app
-        self.table = ContactTable(app, f"{stage}-schedule")
+    def __init__(self, edge: Edge, stage: str) -> None:
+        self.app = edge.app
+        self.table = ContactTable(edge, f"{stage}-schedule")
         self._entries: dict[str, tuple[datetime, list[float]]] = {}
         self._heap: list[tuple[datetime, str]] = []
         self._rebuild = True
@@ -257,9 +257,9 @@ def register(app: faust.App, ctx: StageContext) -> None:
     settings = ctx.settings
     now = envelope.clock(settings.clock_offset_s)
     links = rules.Links(secret=settings.secret, base_url=f"http://{settings.web_host}:{settings.web_port}")
-    contacts = ContactTable(app, f"{ctx.name}-contacts")
-    history = History(app, f"{ctx.name}-history")
-    schedule = Schedule(app, ctx.name)
+    contacts = ContactTable(ctx.edge, f"{ctx.name}-contacts")
+    history = History(ctx.edge, f"{ctx.name}-history")
+    schedule = Schedule(ctx.edge, ctx.name)
     reference = Reference(on_timing_change=schedule.settings_changed)
     ctx.feed([envelope.CONFIG, envelope.SEGMENTS_MEMBERS], reference.apply)
 

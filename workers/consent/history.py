@@ -15,18 +15,21 @@ passed over, so an entry holds each of its contact's records once, whatever is r
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, MutableMapping
-from functools import cached_property
+from collections.abc import Iterable
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 import orjson
 from faust.stores import rocksdb as faust_rocksdb
+from faust.stores.memory import Store as MemoryStore
 from faust.types import TP, EventT
 
 from workers import envelope
-from workers.tables import entries_of
+from workers.tables import Entries
+
+if TYPE_CHECKING:
+    from workers.edge import Edge
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +78,8 @@ class LogTable(faust.Table):
 
     def _stored(self, key: bytes, partition: int) -> Any:
         store = self.data
-        if not isinstance(store, faust_rocksdb.Store):
-            return entries_of(self).get(key)
+        if isinstance(store, MemoryStore):
+            return store.data.get(key)
         # Not the store's own get: outside a record's context it looks in every partition's DB.
         raw = store._db_for_partition(partition).get(key)
         return None if raw is None else store._decode_value(raw)
@@ -102,26 +105,25 @@ def _change_of(message: Any) -> dict[str, Any] | None:
 
 class History:
     """Every `consent.changed` data of each contact, in order (see the module's docstring). The
-    agent writes the table's store only: its records on `consent.log` are the changelog."""
+    agent writes the table's store only, once the edge has the batch's records acknowledged:
+    its records on `consent.log` are the changelog."""
 
-    def __init__(self, app: faust.App, name: str) -> None:
+    def __init__(self, edge: Edge, name: str) -> None:
+        app = edge.app
         changelog = app.topic(envelope.CONSENT_LOG, key_type=bytes, value_type=bytes)
         self.table = app.tables.add(LogTable(app, name=name, default=None, key_type=bytes, changelog_topic=changelog, beacon=app.tables.beacon))
-
-    @cached_property
-    def _entries(self) -> MutableMapping[bytes, Any]:
-        return entries_of(self.table)
+        self.entries = Entries(self.table, edge)
 
     def changes(self, key: str) -> list[dict[str, Any]]:
         """The contact's changes so far, oldest first."""
-        entry = self._entries.get(key.encode())
+        entry = self.entries.get(key.encode())
         return list(entry["changes"]) if entry else []
 
     def append(self, key: str, events: list[dict[str, Any]]) -> None:
         """Call in the contact's record context with the `consent.changed` events produced for it.
         Not checked against the entry's ids: the rules never make a change twice (a record handled
         again finds its change already made), and the check would cost a scan of the contact's ids."""
-        entry = self._entries.get(key.encode()) or _new_entry()
+        entry = self.entries.get(key.encode()) or _new_entry()
         entry["changes"].extend(event["data"] for event in events)
         entry["ids"].extend(event["id"] for event in events)
-        self._entries[key.encode()] = entry
+        self.entries.set(key.encode(), entry)

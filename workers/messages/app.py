@@ -50,7 +50,6 @@ import faust
 import orjson
 from faust.stores import rocksdb as faust_rocksdb
 from faust.streams import current_event
-from faust.utils import json as faust_json
 from faust.types import TP
 from faust.web import Request, Response, View
 
@@ -70,6 +69,7 @@ from workers.messages.providers import (
 )
 from workers.messages.render import SAMPLE_CONTACT, LayoutRenderer, RenderError
 from workers.stage import StageContext
+from workers.tables import json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,6 @@ FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10)
 # A message history's order chunks: `{tenant}/{message}/#{k}` (a request id has no `#`).
 ORDER_SEPARATOR = "/#"
 ORDER_CHUNK = 500
-# RocksDB's defaults (per partition of every table: up to three 64 MB write buffers and a
-# 2 GB block cache) let a worker's memory grow with every mail sent. The stage's tables, all
-# their partitions together, share one block cache and one memtable budget instead.
-ROCKSDB_OPTIONS = {"write_buffer_size": 2 << 20, "max_write_buffer_number": 2, "block_cache_size": 8 << 20}
-MEMTABLE_BUDGET = 16 << 20
 
 
 def unknown_reason(provider: str | None) -> str:
@@ -172,55 +167,6 @@ class Reference:
         return None
 
 
-class StageRocksDBOptions(faust_rocksdb.RocksDBOptions):
-    """faust's RocksDB options (rocksdict), with the block cache and the memtable budget of
-    all the stage's tables shared, and no write-ahead log.
-
-    A table is recovered from its changelog, from after the offset persisted in its own store
-    (`BatchedTable.flush` persists it once Kafka has acknowledged the changes). Without a WAL a
-    crash loses the store's latest writes together with the offsets persisted after them (one
-    column family: what survives is a prefix of the writes), so recovery reads those changes
-    from the changelog again. A WAL would only cost a write() per change."""
-
-    _shared: tuple[Any, Any] | None = None
-
-    @classmethod
-    def shared(cls) -> tuple[Any, Any]:
-        """(block cache, write buffer manager), one per process."""
-        if cls._shared is None:
-            rocksdict = faust_rocksdb.rocksdict
-            cls._shared = (rocksdict.Cache(ROCKSDB_OPTIONS["block_cache_size"]), rocksdict.WriteBufferManager(MEMTABLE_BUDGET, False))
-        return cls._shared
-
-    def as_options(self) -> Any:
-        rocksdict = faust_rocksdb.rocksdict
-        cache, write_buffers = self.shared()
-        options = rocksdict.Options(raw_mode=True)
-        options.create_if_missing(True)
-        options.set_max_open_files(self.max_open_files)
-        options.set_write_buffer_size(self.write_buffer_size)
-        options.set_target_file_size_base(self.target_file_size_base)
-        options.set_max_write_buffer_number(self.max_write_buffer_number)
-        options.set_write_buffer_manager(write_buffers)
-        table = rocksdict.BlockBasedOptions()
-        table.set_bloom_filter(self.bloom_filter_size, block_based=True)
-        table.set_block_cache(cache)
-        table.set_index_type(rocksdict.BlockBasedIndexType.binary_search())
-        options.set_block_based_table_factory(table)
-        return options
-
-    def open(self, path: Any, *, read_only: bool = False) -> Any:
-        rocksdict = faust_rocksdb.rocksdict
-        options = self.as_options()
-        options.set_db_paths([rocksdict.DBPath(str(path), self.target_file_size_base)])
-        db = rocksdict.Rdict(str(path), options=options, access_type=rocksdict.AccessType.read_write())
-        db.set_read_options(rocksdict.ReadOptions())
-        write = rocksdict.WriteOptions()
-        write.disable_wal = True
-        db.set_write_options(write)
-        return db
-
-
 class BatchedTable(faust.Table):
     """A table whose changelog records go out in batches, and can be awaited.
 
@@ -236,9 +182,6 @@ class BatchedTable(faust.Table):
         super().__init__(*args, **kwargs)
         self._changes: dict[int, dict[Any, Any]] = defaultdict(dict)
 
-    def _new_store(self) -> Any:
-        return with_stage_rocksdb(super()._new_store())
-
     def on_key_set(self, key: Any, value: Any) -> None:
         self._changes[self.partition_for_key(key)][key] = value
 
@@ -249,9 +192,9 @@ class BatchedTable(faust.Table):
         else:
             # faust's own path, less its serializer registry: the same bytes, straight to the store,
             # and kept for the changelog (encoded once).
-            encoded = _Encoded(_json_bytes(value))
+            encoded = _Encoded(json_bytes(value))
             self.on_key_set(key, encoded)
-            db.put(_json_bytes(key), encoded)
+            db.put(json_bytes(key), encoded)
 
     def value(self, key: Any) -> Any:
         """`self.get(key)` (None when missing) with one store lookup: faust's `get` looks a key up
@@ -260,7 +203,7 @@ class BatchedTable(faust.Table):
         if db is None:
             return self.get(key)
         self.on_key_get(key)
-        raw = db.get(_json_bytes(key))
+        raw = db.get(json_bytes(key))
         return None if raw is None else self.data._decode_value(raw)
 
     def _partition_db(self) -> Any:
@@ -284,8 +227,8 @@ class BatchedTable(faust.Table):
         def value_bytes(value: Any) -> bytes:
             return topic.prepare_value(value, self.value_serializer)[0]
 
-        return (_json_bytes if self.key_serializer == "json" else key_bytes,
-                _json_bytes if self.value_serializer == "json" else value_bytes)
+        return (json_bytes if self.key_serializer == "json" else key_bytes,
+                json_bytes if self.value_serializer == "json" else value_bytes)
 
     def on_key_del(self, key: Any) -> None:
         self._changes[self.partition_for_key(key)][key] = None
@@ -320,29 +263,9 @@ class _Encoded(bytes):
     """A table value as its changelog carries it, encoded when it was stored."""
 
 
-def _json_bytes(value: Any) -> bytes:
-    """What faust's `json` codec makes of a value (its `faust.utils.json.dumps`, as bytes)."""
-    encoded = faust_json.dumps(value)
-    return encoded if isinstance(encoded, bytes) else encoded.encode()
-
-
-def with_stage_rocksdb(store: Any) -> Any:
-    """`store` on `StageRocksDBOptions`, when it is a RocksDB store (not memory://)."""
-    if isinstance(store, faust_rocksdb.Store) and store.use_rocksdict:
-        store.rocksdb_options = StageRocksDBOptions(**(dict(ROCKSDB_OPTIONS) | dict(store.options)), use_rocksdict=True)
-    return store
-
-
-def share_stage_rocksdb(table: faust.Table) -> None:
-    """Puts another of the stage's tables (the edge's seen table) on `StageRocksDBOptions`: left
-    on faust's defaults, its memtables alone grow by about 15 MB per 100,000 mails sent."""
-    new_store = table._new_store
-    table._new_store = lambda: with_stage_rocksdb(new_store())  # type: ignore[method-assign]
-
-
 def batched_table(app: faust.App, name: str) -> BatchedTable:
     """`app.Table(name, default=None)`, as a `BatchedTable`."""
-    return app.tables.add(BatchedTable(app, name=name, default=None, beacon=app.tables.beacon, options=dict(ROCKSDB_OPTIONS)))
+    return app.tables.add(BatchedTable(app, name=name, default=None, beacon=app.tables.beacon))
 
 
 class LedgerRows:
@@ -784,7 +707,6 @@ def register(app: faust.App, ctx: StageContext) -> None:
                                 sendgrid_host=settings.sendgrid_host, rate_per_s=settings.email_rate_per_s)
     sms = make_sms_provider(settings.sms_provider, outbox_dir=settings.outbox_dir, aws_region=settings.aws_region,
                             rate_per_s=settings.sms_rate_per_s)
-    share_stage_rocksdb(ctx.edge.seen.table)
     ledger = batched_table(app, f"{ctx.name}-ledger")
     sender = Sender(ctx, reference, renderer, ledger, batched_table(app, f"{ctx.name}-in-flight"), email, sms)
     ctx.edge.subscribe("outbox", [envelope.OUTBOX, BY_CONTACT], on_batch=sender.handle)

@@ -232,10 +232,10 @@ def register(app: faust.App, ctx: StageContext) -> None:
     reference = Reference()
     feed = ctx.feed([envelope.CONFIG, envelope.EVENTS, envelope.MESSAGES], reference.apply)
     reference.caught_up = feed.ready
-    contacts = ContactTable(app, f"{ctx.name}-contacts")
-    consents = ContactTable(app, f"{ctx.name}-consents")
-    memberships = ContactTable(app, f"{ctx.name}-memberships")
-    emails = ContactTable(app, f"{ctx.name}-emails")
+    contacts = ContactTable(ctx.edge, f"{ctx.name}-contacts")
+    consents = ContactTable(ctx.edge, f"{ctx.name}-consents")
+    memberships = ContactTable(ctx.edge, f"{ctx.name}-memberships")
+    emails = ContactTable(ctx.edge, f"{ctx.name}-emails")
     local = Local()
     owners = Owners(app, ctx.edge.waits)
 

@@ -1,0 +1,87 @@
+"""Tables whose writes wait for the batch's records: read at once, stored once Kafka has them."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from workers import edge as edge_module
+from workers import envelope
+from workers.edge import Accepted, Delivered, Edge
+from workers.tables import ContactTable, use_stage_rocksdb
+from workers.transport import App
+
+PARTITIONS = 4
+
+
+def order(contact: str, id_: str, partition: int = 1) -> Delivered:
+    event = envelope.make_event("order.cancelled", "t1", {"order": "o-1"}, source="/shop", id_=id_)
+    return Delivered(SimpleNamespace(topic=envelope.ORDERS, partition=partition, offset=0, key=f"t1/{contact}".encode(),
+                                     value=envelope.dumps(event)))
+
+
+@pytest.fixture(params=["memory://", "rocksdb://"])
+def rig(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """An edge on an unstarted app whose handler counts each contact's orders in a ContactTable;
+    `fail` makes the next produce fail as a lost broker would."""
+    rig = SimpleNamespace(produced=[], fail=False)
+
+    async def produce(app: object, outs: list[envelope.Out], stage: str) -> None:
+        if rig.fail:
+            rig.fail = False
+            raise ConnectionError("broker gone")
+        rig.produced.extend(out for out in outs if out.topic == "probe.counted")
+
+    monkeypatch.setattr(edge_module, "produce", produce)
+    app = App(f"tables-{request.param[:3]}", fetch_max_wait_ms=50, store=request.param, datadir=str(tmp_path),
+              autodiscover=False, topic_partitions=PARTITIONS)
+    rig.edge = Edge(app, "probe", batch_size=50, batch_within_s=0.01, dedupe_window=1000)
+    rig.counts = ContactTable(rig.edge, "probe-counts")
+    use_stage_rocksdb(app)
+
+    def count(item: Accepted) -> list[envelope.Out]:
+        seen = rig.counts.get(item.key) or {"orders": 0}
+        if rig.in_handler:
+            rig.in_handler(item)
+        state = {"orders": seen["orders"] + 1}
+        return [rig.counts.set(item.key, state), envelope.Out("probe.counted", item.key, state)]
+
+    rig.in_handler = None
+    rig.count = count
+    return rig
+
+
+def stored(rig: SimpleNamespace, key: str) -> object:
+    """What the table's store itself holds (not the writes still waiting)."""
+    store = rig.counts.table.data
+    if hasattr(store, "_db_for_partition"):
+        raw = store._db_for_partition(1).get(key.encode())
+        return None if raw is None else envelope.loads(raw)
+    return store.data.get(key.encode())
+
+
+async def test_a_change_is_stored_once_its_records_are_in_kafka_and_read_at_once_before(rig: SimpleNamespace) -> None:
+    def looks(item: Accepted) -> None:
+        # The second order of the batch sees the first's change; the store does not have it yet.
+        if item.event["id"] == "e2":
+            assert rig.counts.get("t1/ann") == {"orders": 1} and stored(rig, "t1/ann") is None
+            assert dict(rig.counts.items()) == {"t1/ann": {"orders": 1}}
+
+    rig.in_handler = looks
+    await rig.edge.process([order("ann", "e1"), order("ann", "e2")], on_record=rig.count)
+
+    assert [out.event for out in rig.produced] == [{"orders": 1}, {"orders": 2}]
+    assert stored(rig, "t1/ann") == {"orders": 2}
+
+
+async def test_a_change_whose_records_never_reached_kafka_is_made_again(rig: SimpleNamespace) -> None:
+    rig.fail = True
+    with pytest.raises(ConnectionError):
+        await rig.edge.process([order("bob", "e1")], on_record=rig.count)
+    assert rig.counts.get("t1/bob") is None and stored(rig, "t1/bob") is None
+
+    # The record is read again (its offset was never committed): its change and records come now.
+    await rig.edge.process([order("bob", "e1")], on_record=rig.count)
+    assert [out.event for out in rig.produced] == [{"orders": 1}]
+    assert stored(rig, "t1/bob") == {"orders": 1}
