@@ -121,17 +121,21 @@ class Entries:
         self._staged: dict[bytes, tuple[int, Any, bytes | None]] = {}
         edge.stage_writes(self)
 
-    def get(self, key: bytes) -> Any:
+    def get(self, key: bytes, partition: int | None = None) -> Any:
+        """The entry in `partition` (default: the current record's). Outside a record's context
+        and without `partition` (a web view), faust looks in every partition's DB."""
         staged = self._staged.get(key)
         if staged is not None:
             return staged[1]
         store = self.table.data
         if isinstance(store, MemoryStore):
             return store.data.get(key)
-        event = current_event()
-        if event is None:  # a web view: faust looks in every partition's DB
-            return store.get(key)
-        raw = store._db_for_partition(event.message.partition).get(key)
+        if partition is None:
+            event = current_event()
+            if event is None:
+                return store.get(key)
+            partition = event.message.partition
+        raw = store._db_for_partition(partition).get(key)
         return None if raw is None else orjson.loads(raw)
 
     def set(self, key: bytes, value: Any, encoded: bytes | None = None) -> None:
@@ -206,8 +210,8 @@ class ContactTable:
         self.changelog = self.table.changelog_topic.get_topic_name()
         self.entries = Entries(self.table, edge)
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        return self.entries.get(key.encode())
+    def get(self, key: str, partition: int | None = None) -> dict[str, Any] | None:
+        return self.entries.get(key.encode(), partition)
 
     def items(self) -> Iterator[tuple[str, dict[str, Any]]]:
         return ((key.decode(), value) for key, value in self.entries.items())

@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any
 
 import faust
-from faust.types import EventT, TableT
+from faust.types import EventT
 from faust.web import Request, Response, View
 
 from workers import envelope, web
@@ -29,6 +29,7 @@ from workers.fields import FORMS, validate_answers
 from workers.owners import Owners, not_settled
 from workers.prompts import rules
 from workers.stage import StageContext
+from workers.tables import ContactTable
 
 # The `ticketing.config` kinds the prompts read (the others are for other stages).
 CONFIG_KINDS = ("settings", "optin", "optin-set", "custom-field")
@@ -158,11 +159,10 @@ def register(app: faust.App, ctx: StageContext) -> None:
     settings = ctx.settings
     reference = Reference(caught_up=lambda: feed.ready.is_set())
     feed = ctx.feed([envelope.CONFIG, envelope.EVENTS], reference.apply)
-    # Read through `.data`, the store itself: faust's `Table.get` costs more than the prompt.
-    consents = app.Table(f"{ctx.name}-consents", default=None)
-    answers = app.Table(f"{ctx.name}-fields", default=None)
+    consents = ContactTable(ctx.edge, f"{ctx.name}-consents")
+    answers = ContactTable(ctx.edge, f"{ctx.name}-fields")
     # Each contact-state topic: the type it carries, the table keeping its part for the prompts, and that part.
-    contact_state: dict[str, tuple[str, TableT, Callable[[dict[str, Any]], Any]]] = {
+    contact_state: dict[str, tuple[str, ContactTable, Callable[[dict[str, Any]], Any]]] = {
         envelope.CONSENT_STATE: ("consent.status", consents, statuses_of),
         envelope.CONTACTS_STATE: ("contact.profile", answers, lambda profile: profile["fields"]),
     }
@@ -184,7 +184,9 @@ def register(app: faust.App, ctx: StageContext) -> None:
                 continue
             config = reference.config(item.tenant)
             optin_set = reference.optin_set(item.tenant, data["event"])
-            outs.append(rules.on_checkout_started(config, item.event, optin_set, consents.data.get(key), answers.data.get(key), now))
+            partition = item.record.message.partition  # the contact's, as the key is
+            outs.append(rules.on_checkout_started(config, item.event, optin_set, consents.get(key, partition),
+                                                  answers.get(key, partition), now))
         return outs
 
     async def keep_contact_state(items: list[Accepted]) -> list[envelope.Out]:
@@ -200,9 +202,9 @@ def register(app: faust.App, ctx: StageContext) -> None:
                 outs.append(ctx.edge.reject(f"record key {item.key!r} is not {key!r}", item))
                 continue
             value = part_of(data)
-            if table.data.get(key) != value:
+            if table.get(key, item.record.message.partition) != value:
                 with item.context():
-                    table[key] = value
+                    outs.append(table.set(key, value))
         return outs
 
     def forget_contact(record: EventT) -> list[envelope.Out]:
@@ -212,7 +214,8 @@ def register(app: faust.App, ctx: StageContext) -> None:
             _, table, _ = contact_state[record.message.topic]
             # An Accepted only for its context: the delete goes to the record's changelog partition.
             with Accepted({}, key, record).context():
-                table.pop(key, None)
+                if table.get(key) is not None:
+                    return [table.delete(key)]
         return []
 
     ctx.edge.subscribe("checkouts", [envelope.CHECKOUTS], on_batch=prompt_checkouts)
@@ -244,8 +247,8 @@ def register(app: faust.App, ctx: StageContext) -> None:
                     channel=query["channel"],
                     language=query.get("language"),
                     contact=contact,
-                    contact_statuses=consents.data.get(key) if key else None,
-                    contact_fields=answers.data.get(key) if key else None,
+                    contact_statuses=consents.get(key) if key else None,
+                    contact_fields=answers.get(key) if key else None,
                     form=query.get("form", "checkout"),
                 ))
 
