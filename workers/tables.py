@@ -117,26 +117,43 @@ class Entries:
 
     def __init__(self, table: faust.Table, edge: Edge) -> None:
         self.table = table
-        # key -> (partition, value or None for a delete, the value's bytes if known)
+        # key -> (partition, value (None for a delete, _UNDECODED), the value's bytes if known)
         self._staged: dict[bytes, tuple[int, Any, bytes | None]] = {}
         edge.stage_writes(self)
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the store keeps values as they are (memory://), rather than encoded."""
+        return isinstance(self.table.data, MemoryStore)
 
     def get(self, key: bytes, partition: int | None = None) -> Any:
         """The entry in `partition` (default: the current record's). Outside a record's context
         and without `partition` (a web view), faust looks in every partition's DB."""
         staged = self._staged.get(key)
         if staged is not None:
-            return staged[1]
+            return orjson.loads(staged[2]) if staged[1] is _UNDECODED else staged[1]
         store = self.table.data
         if isinstance(store, MemoryStore):
             return store.data.get(key)
-        if partition is None:
-            event = current_event()
-            if event is None:
-                return store.get(key)
-            partition = event.message.partition
-        raw = store._db_for_partition(partition).get(key)
+        if partition is None and current_event() is None:
+            return store.get(key)
+        raw = self._stored_bytes(store, key, partition)
         return None if raw is None else orjson.loads(raw)
+
+    def get_encoded(self, key: bytes) -> bytes | None:
+        """The entry's JSON, of the current record's partition, not decoded. Not for memory://."""
+        staged = self._staged.get(key)
+        if staged is not None:
+            return staged[2] if staged[1] is None or staged[2] is not None else json_bytes(staged[1])
+        return self._stored_bytes(self.table.data, key, None)
+
+    def set_encoded(self, key: bytes, encoded: bytes) -> None:
+        """`set` with the value's JSON only. Not for memory://, which keeps values decoded."""
+        self._staged[key] = (current_event().message.partition, _UNDECODED, encoded)
+
+    @staticmethod
+    def _stored_bytes(store: Any, key: bytes, partition: int | None) -> bytes | None:
+        return store._db_for_partition(current_event().message.partition if partition is None else partition).get(key)
 
     def set(self, key: bytes, value: Any, encoded: bytes | None = None) -> None:
         """`encoded`: `json_bytes(value)`, when the caller has it already."""
@@ -150,9 +167,9 @@ class Entries:
         for key, value in self.table.items():
             if key not in staged:
                 yield key, value
-        for key, (_, value, _) in staged.items():
+        for key, (_, value, encoded) in staged.items():
             if value is not None:
-                yield key, value
+                yield key, orjson.loads(encoded) if value is _UNDECODED else value
 
     def discard(self) -> None:
         """Forget the staged writes: their records never reached Kafka, and will be handled again."""
@@ -182,6 +199,10 @@ class Entries:
                 batch.put(key, json_bytes(value) if encoded is None else encoded)
         for partition, batch in batches.items():
             store._db_for_partition(partition).write(batch)
+
+
+# A staged value known only as its JSON (`Entries.set_encoded`).
+_UNDECODED = object()
 
 
 class _Change(envelope.Out):

@@ -1,9 +1,11 @@
 """The consent history: entries added to by the agent and rebuilt from `consent.log`, without a broker."""
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import faust
+import pytest
 import orjson
 from faust.types import TP
 
@@ -19,8 +21,15 @@ def changed(contact: str, number: int) -> dict:
     return envelope.make_event("consent.changed", "t1", data, source="/usher/consent")
 
 
-def history(name: str) -> History:
-    app = faust.App(f"test-{name}", broker="kafka://localhost:1", store="memory://", topic_partitions=PARTITIONS, autodiscover=False)
+@pytest.fixture(params=["memory://", "rocksdb://"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Path]:
+    return request.param, tmp_path
+
+
+def history(name: str, store: tuple[str, Path]) -> History:
+    url, datadir = store
+    app = faust.App(f"test-{name}", broker="kafka://localhost:1", store=url, datadir=str(datadir), topic_partitions=PARTITIONS,
+                    autodiscover=False)
     return History(Edge(app, "consent", batch_size=100, batch_within_s=0.01, dedupe_window=100), "consent-history")
 
 
@@ -34,8 +43,8 @@ def log_records(events: list[dict], partition: int = 2, first_offset: int = 0) -
     ]
 
 
-def test_the_history_is_recovered_from_the_consent_log_in_order() -> None:
-    found = history("recovery")
+def test_the_history_is_recovered_from_the_consent_log_in_order(store: tuple[str, Path]) -> None:
+    found = history("recovery", store)
     events = [changed("c-1", 0), changed("c-2", 0), changed("c-1", 1), changed("c-1", 2)]
     found.table.apply_changelog_batch(log_records(events[:2]))
     found.table.apply_changelog_batch(log_records(events[2:], first_offset=2))
@@ -44,9 +53,9 @@ def test_the_history_is_recovered_from_the_consent_log_in_order() -> None:
     assert found.changes("t1/c-3") == []
 
 
-def test_records_read_again_are_each_kept_once() -> None:
+def test_records_read_again_are_each_kept_once(store: tuple[str, Path]) -> None:
     """Recovery resumes where the last one ended, so it reads again what the agent stored since."""
-    found = history("again")
+    found = history("again", store)
     events = [changed("c-1", n) for n in range(4)]
     found.table.apply_changelog_batch(log_records(events[:1]))
     # The agent stores the next two as it produces them, then a recovery reads the log from the start.
@@ -58,8 +67,8 @@ def test_records_read_again_are_each_kept_once() -> None:
     assert found.changes("t1/c-1") == [event["data"] for event in events]
 
 
-def test_a_record_that_is_no_consent_change_is_left_out() -> None:
-    found = history("junk")
+def test_a_record_that_is_no_consent_change_is_left_out(store: tuple[str, Path]) -> None:
+    found = history("junk", store)
     [good] = log_records([changed("c-1", 0)])
     junk = SimpleNamespace(message=SimpleNamespace(**{**vars(good.message), "value": b"not json", "offset": 1}))
     other = SimpleNamespace(message=SimpleNamespace(**{**vars(good.message), "value": b'{"type": "consent.status"}', "offset": 2}))

@@ -7,10 +7,12 @@ of the bytes the stage produced). The agent stores a contact's changes as it pro
 worker's partitions to its contact's entry. So `consent.log` must keep its records for ever, as a
 record of consent has to be kept anyway (`workers/topics.py` creates it so).
 
-An entry is `{"changes": [consent.changed data, ...], "ids": [event id, ...]}`, in the log's
-order. Recovery can read records an entry already holds: faust resumes a partition where its
-last recovery ended and does not see the agent's own writes. A record whose id the entry holds is
-passed over, so an entry holds each of its contact's records once, whatever is read again.
+An entry is `[[event id, consent.changed data], ...]`, in the log's order. The agent appends to
+the stored JSON's bytes without decoding them: an entry grows with every change of its contact,
+and decoding and encoding it again for each change cost more than the change. Recovery can read
+records an entry already holds: faust resumes a partition where its last recovery ended and does
+not see the agent's own writes. A record whose id the entry holds is passed over, so an entry
+holds each of its contact's records once, whatever is read again.
 """
 from __future__ import annotations
 
@@ -26,18 +28,14 @@ from faust.stores.memory import Store as MemoryStore
 from faust.types import TP, EventT
 
 from workers import envelope
-from workers.tables import Entries
+from workers.tables import Entries, json_bytes
 
 if TYPE_CHECKING:
     from workers.edge import Edge
 
 log = logging.getLogger(__name__)
 
-Entry = dict[str, list[Any]]
-
-
-def _new_entry() -> Entry:
-    return {"changes": [], "ids": []}
+Entry = list[list[Any]]
 
 
 class LogTable(faust.Table):
@@ -55,13 +53,12 @@ class LogTable(faust.Table):
             if change is None:
                 continue
             if message.key not in entries:
-                entry = self._stored(message.key, message.partition) or _new_entry()
-                entries[message.key] = (entry, set(entry["ids"]), None)
+                entry = self._stored(message.key, message.partition) or []
+                entries[message.key] = (entry, {id_ for id_, _ in entry}, None)
             entry, ids, _ = entries[message.key]
             if change["id"] not in ids:
                 ids.add(change["id"])
-                entry["changes"].append(change["data"])
-                entry["ids"].append(change["id"])
+                entry.append([change["id"], change["data"]])
                 entries[message.key] = (entry, ids, message)
         # The store's own batch write, with each entry read as the record to apply.
         store = self.data
@@ -116,14 +113,18 @@ class History:
 
     def changes(self, key: str) -> list[dict[str, Any]]:
         """The contact's changes so far, oldest first."""
-        entry = self.entries.get(key.encode())
-        return list(entry["changes"]) if entry else []
+        return [data for _, data in self.entries.get(key.encode()) or ()]
 
     def append(self, key: str, events: list[dict[str, Any]]) -> None:
         """Call in the contact's record context with the `consent.changed` events produced for it.
         Not checked against the entry's ids: the rules never make a change twice (a record handled
         again finds its change already made), and the check would cost a scan of the contact's ids."""
-        entry = self.entries.get(key.encode()) or _new_entry()
-        entry["changes"].extend(event["data"] for event in events)
-        entry["ids"].extend(event["id"] for event in events)
-        self.entries.set(key.encode(), entry)
+        added = [[event["id"], event["data"]] for event in events]
+        if self.entries.in_memory:  # entries are kept as they are
+            entry = self.entries.get(key.encode()) or []
+            entry.extend(added)
+            self.entries.set(key.encode(), entry)
+            return
+        stored, encoded = self.entries.get_encoded(key.encode()), json_bytes(added)
+        # `[a, b]` and `[c]` make `[a, b, c]`.
+        self.entries.set_encoded(key.encode(), encoded if not stored or stored == b"[]" else stored[:-1] + b"," + encoded[1:])
