@@ -26,6 +26,7 @@ M_MMAP_THRESHOLD = -3
 MALLOC_ARENAS = 2
 # Fixed, so glibc does not raise it (see above).
 MMAP_FROM = 256 << 10
+YOUNG_COLLECTION_EVERY_S = 1.0
 FULL_COLLECTION_EVERY_S = 10.0
 TRIM_EVERY_S = 2.0
 
@@ -59,15 +60,25 @@ def release_free_memory() -> None:
 
 def collect_on_a_clock(app: faust.App) -> None:
     """What exists once the worker has started (modules, the app) is frozen out of collections;
-    a full collection runs on a clock, and malloc's free pages go back to the system on a shorter
-    one. Measured on the send bench: collections took 8% of the worker's time, 2-3% after; once
-    records came in batches rather than one faust event each, a full collection found a few
-    hundred objects to free and cost about 33 ms, so it runs every 10 s rather than 2 s."""
+    collections run on a clock rather than on allocations, and malloc's free pages go back to the
+    system on a shorter one.
+
+    Allocations started a collection mostly while a batch was being handled, so each one walked
+    the batch's records and what the stage made of them, all still alive: without automatic
+    collections the consent stage made 5-19% more changes a second (four runs on each store).
+    Refcounting frees what a batch leaves; only cycles wait for the clock. On the send bench,
+    once records came in batches rather than one faust event each, a full collection found a few
+    hundred objects to free and cost about 33 ms, so it runs every 10 s."""
 
     @app.task
     async def freeze_startup_objects() -> None:
         gc.collect()
         gc.freeze()
+        gc.disable()
+
+    @app.timer(YOUNG_COLLECTION_EVERY_S)
+    async def collect_young() -> None:
+        gc.collect(1)
 
     @app.timer(FULL_COLLECTION_EVERY_S)
     async def collect_batches() -> None:

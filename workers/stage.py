@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import faust
 
+from workers import memory
 from workers.edge import Edge
 from workers.transport import App
 from workers.feed import Feed, FeedHandler
@@ -110,5 +111,6 @@ def build_app(stages: tuple[str, ...], settings: Settings) -> faust.App:
         edge = Edge(app, stage, batch_size=settings.batch_size, batch_within_s=settings.batch_within_s, dedupe_window=settings.dedupe_window)
         module.register(app, StageContext(stage, app, settings, edge, ready_events))
     use_stage_rocksdb(app)
+    memory.collect_on_a_clock(app)
     logging.getLogger("workers").setLevel(logging.INFO)
     return app

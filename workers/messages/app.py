@@ -53,7 +53,7 @@ from faust.streams import current_event
 from faust.types import TP
 from faust.web import Request, Response, View
 
-from workers import envelope, memory, schemas, web
+from workers import envelope, schemas, web
 from workers.consent.rules import Links
 from workers.edge import Accepted, produce
 from workers.owners import Owners
@@ -717,7 +717,6 @@ def register(app: faust.App, ctx: StageContext) -> None:
     history = History(ctx, batched_table(app, f"{ctx.name}-history"))
     ctx.edge.subscribe("history", [envelope.DELIVERIES], on_batch=history.handle)
 
-    memory.collect_on_a_clock(app)
     owners = Owners(app, ctx.edge.waits)
     register_views(app, ctx, reference, renderer, ledger, history, owners)
     register_webhooks(app, ctx)
