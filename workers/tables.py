@@ -121,11 +121,6 @@ class Entries:
         self._staged: dict[bytes, tuple[int, Any, bytes | None]] = {}
         edge.stage_writes(self)
 
-    @property
-    def in_memory(self) -> bool:
-        """Whether the store keeps values as they are (memory://), rather than encoded."""
-        return isinstance(self.table.data, MemoryStore)
-
     def get(self, key: bytes, partition: int | None = None) -> Any:
         """The entry in `partition` (default: the current record's). Outside a record's context
         and without `partition` (a web view), faust looks in every partition's DB."""
@@ -140,16 +135,25 @@ class Entries:
         raw = self._stored_bytes(store, key, partition)
         return None if raw is None else orjson.loads(raw)
 
-    def get_encoded(self, key: bytes) -> bytes | None:
-        """The entry's JSON, of the current record's partition, not decoded. Not for memory://."""
+    def extend(self, key: bytes, items: list[Any]) -> None:
+        """Adds `items` to the end of the list entry `key` (made if missing). An encoded entry is
+        added to as bytes, not decoded: `[a, b]` and `[c]` make `[a, b, c]`."""
+        partition = current_event().message.partition
+        store = self.table.data
+        if isinstance(store, MemoryStore):  # values are kept as they are: the list grows in place
+            entry = self.get(key)
+            if entry is None:
+                entry = []
+            entry.extend(items)
+            self._staged[key] = (partition, entry, None)
+            return
         staged = self._staged.get(key)
-        if staged is not None:
-            return staged[2] if staged[1] is None or staged[2] is not None else json_bytes(staged[1])
-        return self._stored_bytes(self.table.data, key, None)
-
-    def set_encoded(self, key: bytes, encoded: bytes) -> None:
-        """`set` with the value's JSON only. Not for memory://, which keeps values decoded."""
-        self._staged[key] = (current_event().message.partition, _UNDECODED, encoded)
+        if staged is None:
+            stored = self._stored_bytes(store, key, partition)
+        else:
+            stored = None if staged[1] is None else staged[2] or json_bytes(staged[1])
+        added = json_bytes(items)
+        self._staged[key] = (partition, _UNDECODED, added if not stored or stored == b"[]" else stored[:-1] + b"," + added[1:])
 
     @staticmethod
     def _stored_bytes(store: Any, key: bytes, partition: int | None) -> bytes | None:
@@ -201,7 +205,7 @@ class Entries:
             store._db_for_partition(partition).write(batch)
 
 
-# A staged value known only as its JSON (`Entries.set_encoded`).
+# A staged value known only as its JSON (`Entries.extend`).
 _UNDECODED = object()
 
 

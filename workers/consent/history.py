@@ -28,7 +28,7 @@ from faust.stores.memory import Store as MemoryStore
 from faust.types import TP, EventT
 
 from workers import envelope
-from workers.tables import Entries, json_bytes
+from workers.tables import Entries
 
 if TYPE_CHECKING:
     from workers.edge import Edge
@@ -119,12 +119,4 @@ class History:
         """Call in the contact's record context with the `consent.changed` events produced for it.
         Not checked against the entry's ids: the rules never make a change twice (a record handled
         again finds its change already made), and the check would cost a scan of the contact's ids."""
-        added = [[event["id"], event["data"]] for event in events]
-        if self.entries.in_memory:  # entries are kept as they are
-            entry = self.entries.get(key.encode()) or []
-            entry.extend(added)
-            self.entries.set(key.encode(), entry)
-            return
-        stored, encoded = self.entries.get_encoded(key.encode()), json_bytes(added)
-        # `[a, b]` and `[c]` make `[a, b, c]`.
-        self.entries.set_encoded(key.encode(), encoded if not stored or stored == b"[]" else stored[:-1] + b"," + encoded[1:])
+        self.entries.extend(key.encode(), [[event["id"], event["data"]] for event in events])

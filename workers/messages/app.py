@@ -622,11 +622,12 @@ class History:
         count = summary["recipients"] if summary else 0
         first, end = (page - 1) * size, min(page * size, count)
         requests: list[str] = []
-        for chunk in range(first // ORDER_CHUNK, (end - 1) // ORDER_CHUNK + 1 if end > first else 0):
-            order = self.table.get(order_chunk_key(summary_key, chunk)) or []
-            requests += order[max(0, first - chunk * ORDER_CHUNK) : end - chunk * ORDER_CHUNK]
+        if end > first:  # the order chunks holding numbers first .. end - 1
+            for chunk in range(first // ORDER_CHUNK, (end - 1) // ORDER_CHUNK + 1):
+                order = self.table.get(order_chunk_key(summary_key, chunk)) or []
+                requests += order[max(0, first - chunk * ORDER_CHUNK) : end - chunk * ORDER_CHUNK]
         rows = [self.table.get(envelope.key(summary_key, request)) for request in requests]
-        # The rows are the page already: rows are numbered, so a page is read by number.
+        # The rows are the page already, read by their numbers.
         return rules.history_page(summary, [row for row in rows if row], page=1, size=size, message=message)
 
 
