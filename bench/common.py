@@ -70,10 +70,10 @@ async def bare_loop(bootstrap: str, topic: str, count: int, outputs: Callable[[l
 
 @contextmanager
 def stage_worker(stage: str, bootstrap: str, workdir: Path, name: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
-    """`usher worker STAGE` on the bench broker (memory tables unless `env` says otherwise), its
+    """`usher worker STAGE` on the bench broker, on RocksDB tables as in production, its
     output in `workdir/NAME.log`; yields (process, web port) and stops it afterwards."""
     port = free_port()
-    full_env = {**os.environ, "USHER_BROKER": f"kafka://{bootstrap}", "USHER_STORE": "memory://", "USHER_PARTITIONS": str(PARTITIONS),
+    full_env = {**os.environ, "USHER_BROKER": f"kafka://{bootstrap}", "USHER_STORE": "rocksdb://", "USHER_PARTITIONS": str(PARTITIONS),
                 "USHER_DATA_DIR": str(workdir / f"data-{name}"), "USHER_OUTBOX_DIR": str(workdir / f"outbox-{name}"),
                 "USHER_SESSION_TIMEOUT_S": "6", "USHER_REBALANCE_TIMEOUT_S": "6", **(env or {})}
     with (workdir / f"{name}.log").open("wb") as log:

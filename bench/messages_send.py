@@ -84,7 +84,7 @@ def peak_rss_mb(pid: int) -> float:
 async def measure(bootstrap: str, workdir: Path) -> dict[str, Any]:
     await load(bootstrap, chain([settings()], map(request, range(RECIPIENTS))))
     with CountingStandIn() as standin:
-        env = {"USHER_STORE": "rocksdb://", "USHER_EMAIL_PROVIDER": "sendgrid", "USHER_SENDGRID_API_KEY": API_KEY,
+        env = {"USHER_EMAIL_PROVIDER": "sendgrid", "USHER_SENDGRID_API_KEY": API_KEY,
                "USHER_SENDGRID_HOST": standin.host, "USHER_EMAIL_RATE_PER_S": "0"}
         with stage_worker("messages", bootstrap, workdir, "messages-send", env) as (worker, port):
             await wait_ready(port, worker, workdir / "messages-send.log")
