@@ -111,6 +111,7 @@ def build_app(stages: tuple[str, ...], settings: Settings) -> faust.App:
         edge = Edge(app, stage, batch_size=settings.batch_size, batch_within_s=settings.batch_within_s, dedupe_window=settings.dedupe_window)
         module.register(app, StageContext(stage, app, settings, edge, ready_events))
     use_stage_rocksdb(app)
-    memory.collect_on_a_clock(app)
+    # The prompts stage answers checkouts over HTTP while they wait (see `memory.keep_memory`).
+    memory.keep_memory(app, collections_on_a_clock="prompts" not in stages)
     logging.getLogger("workers").setLevel(logging.INFO)
     return app
