@@ -85,3 +85,18 @@ async def test_a_change_whose_records_never_reached_kafka_is_made_again(rig: Sim
     await rig.edge.process([order("bob", "e1")], on_record=rig.count)
     assert [out.event for out in rig.produced] == [{"orders": 1}]
     assert stored(rig, "t1/bob") == {"orders": 1}
+
+
+async def test_a_handler_that_raises_leaves_no_change_behind(rig: SimpleNamespace) -> None:
+    def fails_after_writing(item: Accepted) -> list[envelope.Out]:
+        rig.count(item)  # the change is staged, then the handler fails: its outputs are dropped
+        raise RuntimeError("bug")
+
+    # Ann's first order counts; the second's handler fails after writing; Bob's only write fails.
+    outcomes = {"e1": rig.count, "e2": fails_after_writing, "e3": fails_after_writing}
+    await rig.edge.process([order("ann", "e1"), order("ann", "e2"), order("bob", "e3")],
+                           on_record=lambda item: outcomes[item.event["id"]](item))
+
+    assert [out.event for out in rig.produced] == [{"orders": 1}]
+    assert stored(rig, "t1/ann") == {"orders": 1} and stored(rig, "t1/bob") is None
+    assert rig.counts.get("t1/bob") is None

@@ -86,6 +86,10 @@ class AsCurrentEvent:
 class StagedWrites(Protocol):
     """Table writes a stage's handlers made for a batch, kept until its records are in Kafka."""
 
+    def handler_done(self) -> None: ...
+
+    def undo_handler(self) -> None: ...
+
     def write(self) -> None: ...
 
     def discard(self) -> None: ...
@@ -259,15 +263,19 @@ class Edge:
                     try:
                         outs.extend(await _call(on_record, item))
                         handled.append(item)
+                        self._handler_done()
                     except Exception as exc:  # a bug in a stage must not stop it; park the record
                         log.exception("%s: handler failed on %s", self.stage, item.event.get("type"))
+                        self._undo_handler()
                         outs.append(self._reject(_handler_error(exc), item.record, item.event))
         elif accepted:
             try:
                 outs.extend(await on_batch(accepted))
                 handled = accepted
+                self._handler_done()
             except Exception as exc:  # a bug in a stage must not stop it; park the batch
                 log.exception("%s: batch handler failed", self.stage)
+                self._undo_handler()
                 outs.extend(self._reject(_handler_error(exc), a.record, a.event) for a in accepted)
 
         try:
@@ -281,11 +289,23 @@ class Edge:
         # Only what was handled counts as seen: a parked record can be replayed once fixed.
         self.seen.add((item, dedupe_key(item.event)) for item in handled)
 
+    def _handler_done(self) -> None:
+        for staged in self._staged:
+            staged.handler_done()
+
+    def _undo_handler(self) -> None:
+        # A parked record's outputs are dropped, and so are the table writes that went with them.
+        for staged in self._staged:
+            staged.undo_handler()
+
     def _guarded(self, record: Delivered, call: Callable[[], Iterable[envelope.Out]]) -> list[envelope.Out]:
         try:
-            return list(call())
+            outs = list(call())
+            self._handler_done()
+            return outs
         except Exception as exc:
             log.exception("%s: tombstone handler failed", self.stage)
+            self._undo_handler()
             return [self._reject(_handler_error(exc), record)]
 
     def reject(self, reason: str, item: Accepted) -> envelope.Out:

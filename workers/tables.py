@@ -7,6 +7,8 @@ write and before Kafka had the outputs left a store holding a change nothing els
 the record, read again, found its change made and produced nothing (with RocksDB's write-ahead
 log any crash did so). `Entries` keeps a batch's writes in memory, readable at once, and writes
 them to the store only once the edge has the batch's records acknowledged (`Edge.stage_writes`).
+A handler that raises has its record parked and its outputs dropped, so the writes it made
+before raising are undone with them.
 """
 from __future__ import annotations
 
@@ -119,6 +121,8 @@ class Entries:
         self.table = table
         # key -> (partition, value (None for a delete, _UNDECODED), the value's bytes if known)
         self._staged: dict[bytes, tuple[int, Any, bytes | None]] = {}
+        # What each key staged before the current handler's first write to it (_ABSENT: nothing).
+        self._before_handler: dict[bytes, tuple[int, Any, bytes | None] | object] = {}
         edge.stage_writes(self)
 
     def get(self, key: bytes, partition: int | None = None) -> Any:
@@ -140,12 +144,8 @@ class Entries:
         added to as bytes, not decoded: `[a, b]` and `[c]` make `[a, b, c]`."""
         partition = current_event().message.partition
         store = self.table.data
-        if isinstance(store, MemoryStore):  # values are kept as they are: the list grows in place
-            entry = self.get(key)
-            if entry is None:
-                entry = []
-            entry.extend(items)
-            self._staged[key] = (partition, entry, None)
+        if isinstance(store, MemoryStore):  # a new list: the stored one stays as it is until `write`
+            self._stage(key, (partition, [*(self.get(key) or ()), *items], None))
             return
         staged = self._staged.get(key)
         if staged is None:
@@ -153,7 +153,7 @@ class Entries:
         else:
             stored = None if staged[1] is None else staged[2] or json_bytes(staged[1])
         added = json_bytes(items)
-        self._staged[key] = (partition, _UNDECODED, added if not stored or stored == b"[]" else stored[:-1] + b"," + added[1:])
+        self._stage(key, (partition, _UNDECODED, added if not stored or stored == b"[]" else stored[:-1] + b"," + added[1:]))
 
     @staticmethod
     def _stored_bytes(store: Any, key: bytes, partition: int | None) -> bytes | None:
@@ -161,10 +161,28 @@ class Entries:
 
     def set(self, key: bytes, value: Any, encoded: bytes | None = None) -> None:
         """`encoded`: `json_bytes(value)`, when the caller has it already."""
-        self._staged[key] = (current_event().message.partition, value, encoded)
+        self._stage(key, (current_event().message.partition, value, encoded))
 
     def delete(self, key: bytes) -> None:
-        self._staged[key] = (current_event().message.partition, None, None)
+        self._stage(key, (current_event().message.partition, None, None))
+
+    def _stage(self, key: bytes, write: tuple[int, Any, bytes | None]) -> None:
+        if key not in self._before_handler:
+            self._before_handler[key] = self._staged.get(key, _ABSENT)
+        self._staged[key] = write
+
+    def handler_done(self) -> None:
+        """The writes the handler made stand (its outputs go with the batch)."""
+        self._before_handler.clear()
+
+    def undo_handler(self) -> None:
+        """Undo the writes the handler made since `handler_done` was last called: it raised."""
+        for key, before in self._before_handler.items():
+            if before is _ABSENT:
+                del self._staged[key]
+            else:
+                self._staged[key] = before  # type: ignore[assignment]
+        self._before_handler.clear()
 
     def items(self) -> Iterator[tuple[bytes, Any]]:
         staged = dict(self._staged)
@@ -178,6 +196,7 @@ class Entries:
     def discard(self) -> None:
         """Forget the staged writes: their records never reached Kafka, and will be handled again."""
         self._staged = {}
+        self._before_handler.clear()
 
     def write(self) -> None:
         """The staged writes to the store: call once Kafka has the records they go with."""
@@ -207,6 +226,8 @@ class Entries:
 
 # A staged value known only as its JSON (`Entries.extend`).
 _UNDECODED = object()
+# No write staged for a key (`Entries.undo_handler`).
+_ABSENT = object()
 
 
 class _Change(envelope.Out):

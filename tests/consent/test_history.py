@@ -74,3 +74,14 @@ def test_a_record_that_is_no_consent_change_is_left_out(store: tuple[str, Path])
     other = SimpleNamespace(message=SimpleNamespace(**{**vars(good.message), "value": b'{"type": "consent.status"}', "offset": 2}))
     found.table.apply_changelog_batch([good, junk, other])
     assert found.changes("t1/c-1") == [changed("c-1", 0)["data"]]
+
+
+def test_changes_whose_records_never_reached_kafka_leave_the_history_as_it_was(store: tuple[str, Path]) -> None:
+    found = history("discarded", store)
+    events = [changed("c-1", n) for n in range(3)]
+    found.table.apply_changelog_batch(log_records(events[:1]))
+    with AsCurrentEvent(Delivered(log_records(events[1:2])[0].message)):
+        found.append("t1/c-1", events[1:])
+        assert found.changes("t1/c-1") == [event["data"] for event in events]
+    found.entries.discard()  # as the edge does when the batch could not be produced
+    assert found.changes("t1/c-1") == [events[0]["data"]]
