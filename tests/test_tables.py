@@ -24,13 +24,15 @@ def order(contact: str, id_: str, partition: int = 1) -> Delivered:
 @pytest.fixture(params=["memory://", "rocksdb://"])
 def rig(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
     """An edge on an unstarted app whose handler counts each contact's orders in a ContactTable;
-    `fail` makes the next produce fail as a lost broker would."""
-    rig = SimpleNamespace(produced=[], fail=False)
+    `fail` makes the next produce fail as a lost broker would (`fail_changes`: the next produce of
+    table changes); `in_kafka` is every record produced, in order."""
+    rig = SimpleNamespace(produced=[], in_kafka=[], fail=False, fail_changes=False)
 
     async def produce(app: object, outs: list[envelope.Out], stage: str) -> None:
-        if rig.fail:
-            rig.fail = False
+        if rig.fail or (rig.fail_changes and any(out.table_change for out in outs)):
+            rig.fail = rig.fail_changes = False
             raise ConnectionError("broker gone")
+        rig.in_kafka.extend(outs)
         rig.produced.extend(out for out in outs if out.topic == "probe.counted")
 
     monkeypatch.setattr(edge_module, "produce", produce)
@@ -100,3 +102,18 @@ async def test_a_handler_that_raises_leaves_no_change_behind(rig: SimpleNamespac
     assert [out.event for out in rig.produced] == [{"orders": 1}]
     assert stored(rig, "t1/ann") == {"orders": 1} and stored(rig, "t1/bob") is None
     assert rig.counts.get("t1/bob") is None
+
+
+async def test_a_change_goes_to_its_changelog_only_once_its_records_are_in_kafka(rig: SimpleNamespace) -> None:
+    changelog = rig.counts.changelog
+    await rig.edge.process([order("ann", "e1"), order("bob", "e2")], on_record=rig.count)
+    assert [out.topic for out in rig.in_kafka] == ["probe.counted", "probe.counted", changelog, changelog]
+
+    # The records are in, the change is not: the order is handled again and its record comes twice.
+    rig.fail_changes = True
+    with pytest.raises(ConnectionError):
+        await rig.edge.process([order("ann", "e3")], on_record=rig.count)
+    assert stored(rig, "t1/ann") == {"orders": 1}
+    await rig.edge.process([order("ann", "e3")], on_record=rig.count)
+    assert [out.event for out in rig.produced] == [{"orders": 1}, {"orders": 1}, {"orders": 2}, {"orders": 2}]
+    assert stored(rig, "t1/ann") == {"orders": 2}

@@ -279,7 +279,11 @@ class Edge:
                 outs.extend(self._reject(_handler_error(exc), a.record, a.event) for a in accepted)
 
         try:
-            await self.produce(outs)
+            # The batch's records first, then its tables' changes: a crash or a failed produce in
+            # between leaves the changes to be made again, their records coming twice with the same
+            # ids, and never a change recovered from its changelog whose records were lost.
+            await self.produce([out for out in outs if not out.table_change])
+            await self.produce([out for out in outs if out.table_change])
         except BaseException:
             for staged in self._staged:
                 staged.discard()

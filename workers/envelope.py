@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
@@ -126,6 +126,8 @@ class Out:
     topic: str
     key: str
     event: dict[str, Any] | None
+    # A table's changelog record: the edge produces it only once the batch's other records are in.
+    table_change: ClassVar[bool] = False
 
     def value_bytes(self) -> bytes | None:
         return None if self.event is None else orjson.dumps(self.event)

@@ -231,15 +231,17 @@ _ABSENT = object()
 
 
 class _Change(envelope.Out):
-    """A table change as its changelog record, its value encoded once for the store and Kafka."""
+    """A table change as its changelog record, its value encoded once for the store and Kafka
+    (None: the entry is deleted)."""
 
     __slots__ = ("encoded",)
+    table_change = True
 
-    def __init__(self, topic: str, key: str, value: Any, encoded: bytes) -> None:
+    def __init__(self, topic: str, key: str, value: Any, encoded: bytes | None) -> None:
         super().__init__(topic, key, value)
         self.encoded = encoded
 
-    def value_bytes(self) -> bytes:
+    def value_bytes(self) -> bytes | None:
         return self.encoded
 
 
@@ -273,4 +275,4 @@ class ContactTable:
 
     def delete(self, key: str) -> envelope.Out:
         self.entries.delete(key.encode())
-        return envelope.Out(self.changelog, key, None)
+        return _Change(self.changelog, key, None, None)
