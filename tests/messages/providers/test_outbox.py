@@ -76,8 +76,9 @@ async def test_an_sms_becomes_a_text_file(tmp_path: Path) -> None:
 async def test_what_cannot_be_written_fails_without_touching_the_others(tmp_path: Path) -> None:
     sneaky = replace(MAIL, request="../../etc/passwd")
     injected = replace(MAIL, request="req-4", to="ann@example.com\nBcc: x@example.com")
+    injected_subject = replace(MAIL, request="req-5", subject="Hamlet\r\nBcc: x@example.com")
 
-    results = await OutboxProvider(tmp_path).send_email([sneaky, MAIL, injected])
+    results = await OutboxProvider(tmp_path).send_email([sneaky, MAIL, injected, injected_subject])
 
-    assert [r.status for r in results] == ["failed", "sent", "failed"]
+    assert [r.status for r in results] == ["failed", "sent", "failed", "failed"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["req-1.eml"]
