@@ -5,10 +5,12 @@ Where each piece of state lives, and why:
   `ticketing.messages`) is read whole by every worker into memory (`Reference`). A tenant's
   `config.layout` is compiled and tried on sample data first; one that does not compile is
   dead-lettered and the previous one stays.
-- `messages-ledger` (key `{tenant}/{contact}`, as `messages.outbox`): every request of the
-  contact, `{request: row}`, with its outcome (`sent`, `failed`, `unknown`). It is the
-  never-twice rule and the contact's own message history
-  (`GET /v1/contacts/{tenant}/{contact}/messages`). A request found in the ledger is never
+- `messages-ledger` (key `{tenant}/{contact}/{request}`, in the partition of `messages.outbox`'s
+  `{tenant}/{contact}`): every request's row with its outcome (`sent`, `failed`, `unknown`). It
+  is the never-twice rule and the contact's own message history
+  (`GET /v1/contacts/{tenant}/{contact}/messages`, the rows under the contact's prefix). A row
+  per request, not one entry per contact: a contact's entry grew with every message they were
+  ever sent, and was read and written whole, changelog record included, for each new one. A request found in the ledger is never
   handed to a provider again: it gives its status again (the same record, so readers drop it as
   a repeat if it was already out). Statuses from provider callbacks reach the row through
   `usher.messages.by-contact`.
@@ -41,7 +43,7 @@ import asyncio
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -268,25 +270,41 @@ def batched_table(app: faust.App, name: str) -> BatchedTable:
     return app.tables.add(BatchedTable(app, name=name, default=None, beacon=app.tables.beacon))
 
 
-class LedgerRows:
-    """The ledger rows one batch reads and writes; each contact's rows are read once."""
+class Ledger:
+    """The ledger: `{tenant}/{contact}/{request}` -> the request's row, written in the context of
+    a record keyed `{tenant}/{contact}`, so a contact's rows are in its partition."""
 
-    def __init__(self, ledger: BatchedTable) -> None:
-        self.ledger = ledger
-        self._rows: dict[str, dict[str, dict[str, Any]]] = {}
+    def __init__(self, table: BatchedTable) -> None:
+        self.table = table
 
-    def of(self, item: Accepted, key: str) -> dict[str, dict[str, Any]]:
-        rows = self._rows.get(key)
-        if rows is None:
-            with item.context():
-                rows = self._rows[key] = dict(self.ledger.value(key) or {})
-        return rows
+    def row(self, item: Accepted, key: str, request: str) -> dict[str, Any] | None:
+        with item.context():
+            return self.table.value(envelope.key(key, request))
 
     def put(self, item: Accepted, key: str, row: dict[str, Any]) -> None:
-        rows = self.of(item, key)
-        rows[row["request"]] = row
         with item.context():
-            self.ledger[key] = rows
+            self.table[envelope.key(key, row["request"])] = row
+
+    def rows_of(self, key: str) -> list[dict[str, Any]]:
+        """The rows of contact `key` (outside a record's context: a web view), oldest outcome first."""
+        prefix = f"{key}/"
+        store = self.table.data
+        if isinstance(store, faust_rocksdb.Store):
+            # Keys are stored as JSON strings: the prefix is the key's JSON without its closing quote.
+            start = json_bytes(prefix)[:-1]
+            found = [store._decode_value(value) for db in store._dbs.values()
+                     for value in _values_from(db, start)]
+        else:
+            found = [value for row_key, value in store.data.items() if isinstance(row_key, str) and row_key.startswith(prefix)]
+        return sorted(found, key=lambda row: ((row.get("outcome") or row)["at"], row["request"]))
+
+
+def _values_from(db: Any, prefix: bytes) -> Iterator[bytes]:
+    """The values of a RocksDB's keys starting with `prefix` (they are stored in key order)."""
+    for stored_key, value in db.items(from_key=prefix):
+        if not stored_key.startswith(prefix):
+            return
+        yield value
 
 
 class InFlight:
@@ -355,14 +373,13 @@ class Sender:
     """The agent on `messages.outbox`: a batch's new requests are planned, marked in flight
     (durably), handed to the providers together, and their outcomes recorded in the ledger."""
 
-    def __init__(self, ctx: StageContext, reference: Reference, renderer: LayoutRenderer, ledger: BatchedTable,
+    def __init__(self, ctx: StageContext, reference: Reference, renderer: LayoutRenderer, ledger: Ledger,
                  in_flight: BatchedTable, email: EmailProvider, sms: SmsProvider) -> None:
         self.ctx, self.reference, self.renderer, self.ledger, self.in_flight = ctx, reference, renderer, ledger, in_flight
         self.email, self.sms = email, sms
         self.links = Links(secret=ctx.settings.secret, base_url=f"http://{ctx.settings.web_host}:{ctx.settings.web_port}")
 
     async def handle(self, items: list[Accepted]) -> list[envelope.Out]:
-        rows = LedgerRows(self.ledger)
         in_flight = InFlight(self.in_flight)
         outs: list[envelope.Out] = []
         sending: list[tuple[Accepted, str, EmailSend | SmsSend]] = []
@@ -377,24 +394,24 @@ class Sender:
                 outs.append(self.ctx.edge.reject(f"record key {item.key!r} is not {key!r}", item))
                 continue
             if item.event["type"] == "delivery.status":  # a callback's status, for the contact's history
-                row = rows.of(item, key).get(data["request"])
+                row = self.ledger.row(item, key, data["request"])
                 folded = rules.fold_recipient(row, data)
                 if folded != row:
-                    rows.put(item, key, folded)
+                    self.ledger.put(item, key, folded)
                 continue
             if (key, data["request"]) in in_batch:
                 continue
             in_batch.add((key, data["request"]))
-            row = rows.of(item, key).get(data["request"])
+            row = self.ledger.row(item, key, data["request"])
             if row is None and (provider_name := in_flight.provider_of(item, key, data["request"])) is not None:
                 row = queued_row(item.event, provider_name, queued_at)
             if row is not None:
-                outs.extend(self._again(item, key, row, rows, correlated, now))
+                outs.extend(self._again(item, key, row, correlated, now))
                 continue
             plan = self._plan(item, now)
             if isinstance(plan, envelope.Out):
                 outs.append(plan)
-                rows.put(item, key, outcome_row(None, plan))
+                self.ledger.put(item, key, outcome_row(None, plan))
                 continue
             sending.append((item, key, plan))
         handed_over = [(item, key, plan.request, (self.email if isinstance(plan, EmailSend) else self.sms).name)
@@ -406,12 +423,12 @@ class Sender:
             answered = envelope.utcnow()  # the providers' answers came together
             for (item, key, plan), result in delivered:
                 status = rules.result_status(item.event, result, answered)
-                rows.put(item, key, outcome_row(None, status))
+                self.ledger.put(item, key, outcome_row(None, status))
                 outs.extend(self._sent_records(item, status, correlated, plan.to))
         outs.extend(correlations(correlated))
         # Recorded outcomes are durable before the batch's offsets are committed, and before
         # their requests leave the in-flight entries.
-        await self.ledger.flush()
+        await self.ledger.table.flush()
         if sending:
             await in_flight.recorded(handed_over)
         return outs
@@ -423,7 +440,7 @@ class Sender:
             layout=tenant.layouts.get(item.data["layout"]),
         )
 
-    def _again(self, item: Accepted, key: str, row: dict[str, Any], rows: LedgerRows,
+    def _again(self, item: Accepted, key: str, row: dict[str, Any],
                correlated: list[tuple[str, dict[str, Any], str]], now: Any) -> list[envelope.Out]:
         """A request already in the ledger is never sent again; it gets its status again,
         or `unknown` when its provider call was never answered (`row` has no outcome)."""
@@ -431,7 +448,7 @@ class Sender:
         if outcome is None:
             status = rules.delivery_status(item.event, "unknown", at=envelope.isotime(now), provider=row.get("provider"),
                                            error=unknown_reason(row.get("provider")))
-            rows.put(item, key, outcome_row(row, status))
+            self.ledger.put(item, key, outcome_row(row, status))
             return [status]
         status = rules.delivery_status(item.event, outcome["status"], at=outcome["at"], provider=outcome["provider"],
                                        provider_id=outcome["provider_id"], error=outcome["error"])
@@ -708,7 +725,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
                                 sendgrid_host=settings.sendgrid_host, rate_per_s=settings.email_rate_per_s)
     sms = make_sms_provider(settings.sms_provider, outbox_dir=settings.outbox_dir, aws_region=settings.aws_region,
                             rate_per_s=settings.sms_rate_per_s)
-    ledger = batched_table(app, f"{ctx.name}-ledger")
+    ledger = Ledger(batched_table(app, f"{ctx.name}-ledger"))
     sender = Sender(ctx, reference, renderer, ledger, batched_table(app, f"{ctx.name}-in-flight"), email, sms)
     ctx.edge.subscribe("outbox", [envelope.OUTBOX, BY_CONTACT], on_batch=sender.handle)
 
@@ -724,7 +741,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
 
 
 def register_views(app: faust.App, ctx: StageContext, reference: Reference, renderer: LayoutRenderer,
-                   ledger: faust.Table, history: History, owners: Owners) -> None:
+                   ledger: Ledger, history: History, owners: Owners) -> None:
     settings = ctx.settings
 
     @app.page("/v1/messages/{tenant}/{message}/history")
@@ -741,8 +758,7 @@ def register_views(app: faust.App, ctx: StageContext, reference: Reference, rend
             key = envelope.contact_key(tenant, contact)
 
             def answer() -> Response:
-                rows = list((ledger.get(key) or {}).values())
-                return self.json(rules.contact_history_page(contact, rows, page=page, size=size))
+                return self.json(rules.contact_history_page(contact, ledger.rows_of(key), page=page, size=size))
 
             return await owners.answer_for_tenant(self, request, settings, tenant, envelope.OUTBOX, key, answer)
 
