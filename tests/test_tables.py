@@ -1,6 +1,7 @@
 """Tables whose writes wait for the batch's records: read at once, stored once Kafka has them."""
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -117,3 +118,27 @@ async def test_a_change_goes_to_its_changelog_only_once_its_records_are_in_kafka
     await rig.edge.process([order("ann", "e3")], on_record=rig.count)
     assert [out.event for out in rig.produced] == [{"orders": 1}, {"orders": 1}, {"orders": 2}, {"orders": 2}]
     assert stored(rig, "t1/ann") == {"orders": 2}
+
+
+async def test_a_batch_writes_only_its_own_tables_changes(rig: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two subscriptions of one stage: the one done first does not store the other's changes."""
+    answers = ContactTable(rig.edge, "probe-answers")
+    slow_acknowledged = asyncio.Event()
+
+    async def produce(app: object, outs: list[envelope.Out], stage: str) -> None:
+        if any(out.topic == "probe.counted" for out in outs):
+            await slow_acknowledged.wait()  # the counting batch's records are slow to be acknowledged
+
+    monkeypatch.setattr(edge_module, "produce", produce)
+
+    def answer(item: Accepted) -> list[envelope.Out]:
+        return [answers.set(item.key, {"answered": True})]
+
+    counting = asyncio.create_task(rig.edge.process([order("ann", "e1")], on_record=rig.count))
+    await asyncio.sleep(0.01)
+    await rig.edge.process([order("bob", "e2")], on_record=answer)
+    assert stored(rig, "t1/ann") is None  # its records are not acknowledged yet
+
+    slow_acknowledged.set()
+    await counting
+    assert stored(rig, "t1/ann") == {"orders": 1}

@@ -13,7 +13,9 @@ import inspect
 import logging
 import weakref
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
 from time import monotonic
 from dataclasses import dataclass
@@ -86,6 +88,8 @@ class AsCurrentEvent:
 class StagedWrites(Protocol):
     """Table writes a stage's handlers made for a batch, kept until its records are in Kafka."""
 
+    name: str
+
     def handler_done(self) -> None: ...
 
     def undo_handler(self) -> None: ...
@@ -93,6 +97,42 @@ class StagedWrites(Protocol):
     def write(self) -> None: ...
 
     def discard(self) -> None: ...
+
+
+class _Batch:
+    """What one `Edge.process` call's handlers staged: the tables they wrote (see `workers.tables`).
+    Each subscription's batches are its own: one subscription's records in Kafka say nothing of
+    another's, so a batch writes only its own tables' changes."""
+
+    __slots__ = ("tables",)
+
+    def __init__(self) -> None:
+        self.tables: list[StagedWrites] = []
+
+
+_current_batch: ContextVar[_Batch | None] = ContextVar("usher_edge_batch", default=None)
+
+
+@contextmanager
+def handling_batch() -> Iterator[_Batch]:
+    """The context a batch's handlers run in: the tables they write are the batch's."""
+    batch = _Batch()
+    entered = _current_batch.set(batch)
+    try:
+        yield batch
+    finally:
+        _current_batch.reset(entered)
+
+
+def staging_in_batch(tables: StagedWrites) -> object:
+    """Call when `tables` stages a write: the batch being handled writes it once its records are
+    in. Returns that batch."""
+    batch = _current_batch.get()
+    if batch is None:
+        raise RuntimeError(f"table {tables.name} written outside a batch's handler")
+    if tables not in batch.tables:
+        batch.tables.append(tables)
+    return batch
 
 
 RecordHandler = Callable[[Accepted], "Iterable[envelope.Out] | Awaitable[Iterable[envelope.Out]]"]
@@ -104,6 +144,17 @@ async def _call(handler: RecordHandler, item: Accepted) -> list[envelope.Out]:
     if inspect.isawaitable(result):
         result = await result
     return list(result)
+
+
+def _handler_done(batch: _Batch) -> None:
+    for tables in batch.tables:
+        tables.handler_done()
+
+
+def _undo_handler(batch: _Batch) -> None:
+    # A parked record's outputs are dropped, and so are the table writes that went with them.
+    for tables in batch.tables:
+        tables.undo_handler()
 
 
 def _handler_error(exc: Exception) -> str:
@@ -168,12 +219,6 @@ class Edge:
         self.seen = SeenLog(app, stage, dedupe_window)
         # Reference feeds this stage's handlers need before they can decide anything.
         self.waits: list[asyncio.Event] = []
-        self._staged: list[StagedWrites] = []
-
-    def stage_writes(self, staged: StagedWrites) -> None:
-        """Have `staged` written after each batch, once Kafka has acknowledged the batch's records,
-        and discarded when they could not be produced."""
-        self._staged.append(staged)
 
     def subscribe(
         self,
@@ -232,6 +277,32 @@ class Edge:
     ) -> None:
         for ready in self.waits:
             await ready.wait()
+        with handling_batch() as batch:
+            outs, handled = await self._handle(records, on_record, on_batch, on_tombstone, batch)
+        try:
+            # The batch's records first, then its tables' changes: a crash or a failed produce in
+            # between leaves the changes to be made again, their records coming twice with the same
+            # ids, and never a change recovered from its changelog whose records were lost.
+            await self.produce([out for out in outs if not out.table_change])
+            await self.produce([out for out in outs if out.table_change])
+        except BaseException:
+            for tables in batch.tables:
+                tables.discard()
+            raise
+        for tables in batch.tables:
+            tables.write()
+        # Only what was handled counts as seen: a parked record can be replayed once fixed.
+        self.seen.add((item, dedupe_key(item.event)) for item in handled)
+
+    async def _handle(
+        self,
+        records: Sequence[Delivered],
+        on_record: RecordHandler | None,
+        on_batch: BatchHandler | None,
+        on_tombstone: Callable[[Delivered], Iterable[envelope.Out]] | None,
+        batch: _Batch,
+    ) -> tuple[list[envelope.Out], list[Accepted]]:
+        """The batch's outputs, and the records handled (not parked)."""
         outs: list[envelope.Out] = []
         accepted: list[Accepted] = []
         batch_ids: set[str] = set()
@@ -240,7 +311,7 @@ class Edge:
             consumed[record.message.topic] += 1
             event, problem = inspect_record(record)
             if problem == "tombstone" and on_tombstone is not None:
-                outs.extend(self._guarded(record, lambda r=record: on_tombstone(r)))
+                outs.extend(self._guarded(record, lambda r=record: on_tombstone(r), batch))
                 continue
             if problem is not None:
                 outs.append(self._reject(problem, record, event))
@@ -263,53 +334,30 @@ class Edge:
                     try:
                         outs.extend(await _call(on_record, item))
                         handled.append(item)
-                        self._handler_done()
+                        _handler_done(batch)
                     except Exception as exc:  # a bug in a stage must not stop it; park the record
                         log.exception("%s: handler failed on %s", self.stage, item.event.get("type"))
-                        self._undo_handler()
+                        _undo_handler(batch)
                         outs.append(self._reject(_handler_error(exc), item.record, item.event))
         elif accepted:
             try:
                 outs.extend(await on_batch(accepted))
                 handled = accepted
-                self._handler_done()
+                _handler_done(batch)
             except Exception as exc:  # a bug in a stage must not stop it; park the batch
                 log.exception("%s: batch handler failed", self.stage)
-                self._undo_handler()
+                _undo_handler(batch)
                 outs.extend(self._reject(_handler_error(exc), a.record, a.event) for a in accepted)
+        return outs, handled
 
-        try:
-            # The batch's records first, then its tables' changes: a crash or a failed produce in
-            # between leaves the changes to be made again, their records coming twice with the same
-            # ids, and never a change recovered from its changelog whose records were lost.
-            await self.produce([out for out in outs if not out.table_change])
-            await self.produce([out for out in outs if out.table_change])
-        except BaseException:
-            for staged in self._staged:
-                staged.discard()
-            raise
-        for staged in self._staged:
-            staged.write()
-        # Only what was handled counts as seen: a parked record can be replayed once fixed.
-        self.seen.add((item, dedupe_key(item.event)) for item in handled)
-
-    def _handler_done(self) -> None:
-        for staged in self._staged:
-            staged.handler_done()
-
-    def _undo_handler(self) -> None:
-        # A parked record's outputs are dropped, and so are the table writes that went with them.
-        for staged in self._staged:
-            staged.undo_handler()
-
-    def _guarded(self, record: Delivered, call: Callable[[], Iterable[envelope.Out]]) -> list[envelope.Out]:
+    def _guarded(self, record: Delivered, call: Callable[[], Iterable[envelope.Out]], batch: _Batch) -> list[envelope.Out]:
         try:
             outs = list(call())
-            self._handler_done()
+            _handler_done(batch)
             return outs
         except Exception as exc:
             log.exception("%s: tombstone handler failed", self.stage)
-            self._undo_handler()
+            _undo_handler(batch)
             return [self._reject(_handler_error(exc), record)]
 
     def reject(self, reason: str, item: Accepted) -> envelope.Out:

@@ -6,7 +6,9 @@ record's outputs. The store was written at once, as faust writes it, so a crash 
 write and before Kafka had the outputs left a store holding a change nothing else had seen:
 the record, read again, found its change made and produced nothing (with RocksDB's write-ahead
 log any crash did so). `Entries` keeps a batch's writes in memory, readable at once, and writes
-them to the store only once the edge has the batch's records acknowledged (`Edge.stage_writes`).
+them to the store only once the edge has the batch's records acknowledged (`edge.staging_in_batch`).
+A table is written by one subscription's handlers: a batch writes the tables its own handlers
+wrote, and another subscription's batch, done first, must not write them before their records.
 A handler that raises has its record parked and its outputs dropped, so the writes it made
 before raising are undone with them.
 """
@@ -23,6 +25,8 @@ from faust.streams import current_event
 from faust.utils import json as faust_json
 
 from workers import envelope
+
+from workers.edge import staging_in_batch
 
 if TYPE_CHECKING:
     from workers.edge import Edge
@@ -117,13 +121,14 @@ class Entries:
     acknowledged, then written together (see the module's docstring); reads see them at once.
     Write in a record's context: the entry belongs to that record's partition."""
 
-    def __init__(self, table: faust.Table, edge: Edge) -> None:
+    def __init__(self, table: faust.Table) -> None:
         self.table = table
+        self.name = table.name
         # key -> (partition, value (None for a delete, _UNDECODED), the value's bytes if known)
         self._staged: dict[bytes, tuple[int, Any, bytes | None]] = {}
         # What each key staged before the current handler's first write to it (_ABSENT: nothing).
         self._before_handler: dict[bytes, tuple[int, Any, bytes | None] | object] = {}
-        edge.stage_writes(self)
+        self._batch: object = None  # the batch whose writes are staged
 
     def get(self, key: bytes, partition: int | None = None) -> Any:
         """The entry in `partition` (default: the current record's). Outside a record's context
@@ -167,6 +172,10 @@ class Entries:
         self._stage(key, (current_event().message.partition, None, None))
 
     def _stage(self, key: bytes, write: tuple[int, Any, bytes | None]) -> None:
+        batch = staging_in_batch(self)
+        if self._staged and batch is not self._batch:
+            raise RuntimeError(f"table {self.name} is written by two subscriptions' batches at once")
+        self._batch = batch
         if key not in self._before_handler:
             self._before_handler[key] = self._staged.get(key, _ABSENT)
         self._staged[key] = write
@@ -256,7 +265,7 @@ class ContactTable:
     def __init__(self, edge: Edge, name: str) -> None:
         self.table = edge.app.Table(name, default=None, key_type=bytes)
         self.changelog = self.table.changelog_topic.get_topic_name()
-        self.entries = Entries(self.table, edge)
+        self.entries = Entries(self.table)
 
     def get(self, key: str, partition: int | None = None) -> dict[str, Any] | None:
         return self.entries.get(key.encode(), partition)

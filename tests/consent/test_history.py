@@ -11,7 +11,7 @@ from faust.types import TP
 
 from workers import envelope
 from workers.consent.history import History
-from workers.edge import AsCurrentEvent, Delivered, Edge
+from workers.edge import AsCurrentEvent, Delivered, Edge, handling_batch
 
 PARTITIONS = 6
 
@@ -59,7 +59,7 @@ def test_records_read_again_are_each_kept_once(store: tuple[str, Path]) -> None:
     events = [changed("c-1", n) for n in range(4)]
     found.table.apply_changelog_batch(log_records(events[:1]))
     # The agent stores the next two as it produces them, then a recovery reads the log from the start.
-    with AsCurrentEvent(Delivered(log_records(events[1:2])[0].message)):
+    with handling_batch(), AsCurrentEvent(Delivered(log_records(events[1:2])[0].message)):
         found.append("t1/c-1", events[1:3])
     found.entries.write()  # as the edge does once the batch's records are in Kafka
     found.table.apply_changelog_batch(log_records(events))
@@ -80,7 +80,7 @@ def test_changes_whose_records_never_reached_kafka_leave_the_history_as_it_was(s
     found = history("discarded", store)
     events = [changed("c-1", n) for n in range(3)]
     found.table.apply_changelog_batch(log_records(events[:1]))
-    with AsCurrentEvent(Delivered(log_records(events[1:2])[0].message)):
+    with handling_batch(), AsCurrentEvent(Delivered(log_records(events[1:2])[0].message)):
         found.append("t1/c-1", events[1:])
         assert found.changes("t1/c-1") == [event["data"] for event in events]
     found.entries.discard()  # as the edge does when the batch could not be produced

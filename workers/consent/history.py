@@ -109,7 +109,7 @@ class History:
         app = edge.app
         changelog = app.topic(envelope.CONSENT_LOG, key_type=bytes, value_type=bytes)
         self.table = app.tables.add(LogTable(app, name=name, default=None, key_type=bytes, changelog_topic=changelog, beacon=app.tables.beacon))
-        self.entries = Entries(self.table, edge)
+        self.entries = Entries(self.table)
 
     def changes(self, key: str) -> list[dict[str, Any]]:
         """The contact's changes so far, oldest first."""
