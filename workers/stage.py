@@ -31,19 +31,15 @@ STAGES = ("prompts", "consent", "segments", "messages")
 class FetchAhead:
     """What a worker holds fetched but not yet handled: a fetch returns at most `batches` times
     `USHER_BATCH_SIZE` records and `partition_bytes` a partition (of every topic the stage reads),
-    and the stage's queue holds at most `queued_batches` partitions' shares of fetches."""
+    and the stage's queue holds at most `queued_batches` partitions' shares of fetches.
+
+    A stage whose records cost little each needs much fetched ahead to stay busy (these defaults);
+    a stage module may set its own as `FETCH_AHEAD`, used when it runs alone. A stage module that
+    answers requests while they wait sets `COLLECTIONS_ON_A_CLOCK = False` (`memory.keep_memory`)."""
 
     partition_bytes: int = 1024 * 1024  # faust's default
     queued_batches: int = 16
     batches: int = 4
-
-
-# A stage whose records cost little each needs much fetched ahead to stay busy: with the messages
-# stage's figures below, the prompts stage made 12,000 prompts/s instead of 30,000. The messages
-# stage (rendering, provider calls) stays busy on less, and holding less bounds its memory: send
-# bench, 1,000,000 mails, peak 314 -> 273 MB (at 3,958 mails/s against 4,304; 300,000 mails with
-# the fetch and queue limits alone: 290 -> 267 MB at the same rate).
-FETCH_AHEAD = {"messages": FetchAhead(partition_bytes=256 * 1024, queued_batches=4, batches=1)}
 
 
 @dataclass
@@ -75,7 +71,8 @@ def build_app(stages: tuple[str, ...], settings: Settings) -> faust.App:
         raise ValueError(f"unknown stage {sorted(unknown)}; choose from {', '.join(STAGES)} or all")
     name = app_id(stages)
     (settings.data_dir / name).mkdir(parents=True, exist_ok=True)
-    fetch_ahead = FETCH_AHEAD.get(stages[0], FetchAhead()) if len(stages) == 1 else FetchAhead()
+    modules = [importlib.import_module(f"workers.{stage}.app") for stage in stages]
+    fetch_ahead = getattr(modules[0], "FETCH_AHEAD", FetchAhead()) if len(modules) == 1 else FetchAhead()
     app = App(
         name,
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
@@ -106,12 +103,10 @@ def build_app(stages: tuple[str, ...], settings: Settings) -> faust.App:
     )
     ready_events: list[asyncio.Event] = []
     register_health(app, ready_events)
-    for stage in stages:
-        module = importlib.import_module(f"workers.{stage}.app")
+    for stage, module in zip(stages, modules, strict=True):
         edge = Edge(app, stage, batch_size=settings.batch_size, batch_within_s=settings.batch_within_s, dedupe_window=settings.dedupe_window)
         module.register(app, StageContext(stage, app, settings, edge, ready_events))
     use_stage_rocksdb(app)
-    # The prompts stage answers checkouts over HTTP while they wait (see `memory.keep_memory`).
-    memory.keep_memory(app, collections_on_a_clock="prompts" not in stages)
+    memory.keep_memory(app, collections_on_a_clock=all(getattr(module, "COLLECTIONS_ON_A_CLOCK", True) for module in modules))
     logging.getLogger("workers").setLevel(logging.INFO)
     return app

@@ -9,9 +9,8 @@ Where each piece of state lives, and why:
   `{tenant}/{contact}`): every request's row with its outcome (`sent`, `failed`, `unknown`). It
   is the never-twice rule and the contact's own message history
   (`GET /v1/contacts/{tenant}/{contact}/messages`, the rows under the contact's prefix). A row
-  per request, not one entry per contact: a contact's entry grew with every message they were
-  ever sent, and was read and written whole, changelog record included, for each new one. A request found in the ledger is never
-  handed to a provider again: it gives its status again (the same record, so readers drop it as
+  per request, so a new message writes its own row and not the contact's whole history. A
+  request found in the ledger is never handed to a provider again: it gives its status again (the same record, so readers drop it as
   a repeat if it was already out). Statuses from provider callbacks reach the row through
   `usher.messages.by-contact`.
 - `messages-in-flight` (one entry per partition): the requests handed to providers and not yet
@@ -70,7 +69,7 @@ from workers.messages.providers import (
     make_sms_provider,
 )
 from workers.messages.render import SAMPLE_CONTACT, LayoutRenderer, RenderError
-from workers.stage import StageContext
+from workers.stage import FetchAhead, StageContext
 from workers.tables import json_bytes
 
 log = logging.getLogger(__name__)
@@ -79,6 +78,12 @@ log = logging.getLogger(__name__)
 CORRELATED = "usher.messages.correlated"
 BY_CONTACT = "usher.messages.by-contact"
 CORRELATION = "usher.message-correlation"
+# Rendering and provider calls keep this stage busy on less fetched ahead than the default, and
+# holding less bounds its memory: send bench, 1,000,000 mails, peak 314 -> 273 MB (at 3,958
+# mails/s against 4,304; 300,000 mails with the fetch and queue limits alone: 290 -> 267 MB at the
+# same rate). With these figures the prompts stage made 12,000 prompts/s instead of 30,000.
+FETCH_AHEAD = FetchAhead(partition_bytes=256 * 1024, queued_batches=4, batches=1)
+
 TEST_SOURCE = "/usher/messages/test"
 # The contact of a test send, which goes to an address rather than to a contact.
 TEST_CONTACT = "test"
@@ -295,7 +300,7 @@ class Ledger:
             found = [store._decode_value(value) for db in store._dbs.values()
                      for value in _values_from(db, start)]
         else:
-            found = [value for row_key, value in store.data.items() if isinstance(row_key, str) and row_key.startswith(prefix)]
+            found = [value for row_key, value in store.data.items() if row_key.startswith(prefix)]
         return sorted(found, key=lambda row: ((row.get("outcome") or row)["at"], row["request"]))
 
 

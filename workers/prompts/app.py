@@ -31,6 +31,10 @@ from workers.prompts import rules
 from workers.stage import StageContext
 from workers.tables import ContactTable
 
+# Checkouts wait for this stage's HTTP answers: it keeps CPython's own collector (see
+# `memory.keep_memory`).
+COLLECTIONS_ON_A_CLOCK = False
+
 # The `ticketing.config` kinds the prompts read (the others are for other stages).
 CONFIG_KINDS = ("settings", "optin", "optin-set", "custom-field")
 # The language tags records carry (schemas/cloudevent.json, `language`).
