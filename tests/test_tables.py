@@ -123,10 +123,11 @@ async def test_a_change_goes_to_its_changelog_only_once_its_records_are_in_kafka
 async def test_a_batch_writes_only_its_own_tables_changes(rig: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two subscriptions of one stage: the one done first does not store the other's changes."""
     answers = ContactTable(rig.edge, "probe-answers")
-    slow_acknowledged = asyncio.Event()
+    counting_sent, slow_acknowledged = asyncio.Event(), asyncio.Event()
 
     async def produce(app: object, outs: list[envelope.Out], stage: str) -> None:
         if any(out.topic == "probe.counted" for out in outs):
+            counting_sent.set()
             await slow_acknowledged.wait()  # the counting batch's records are slow to be acknowledged
 
     monkeypatch.setattr(edge_module, "produce", produce)
@@ -135,7 +136,7 @@ async def test_a_batch_writes_only_its_own_tables_changes(rig: SimpleNamespace, 
         return [answers.set(item.key, {"answered": True})]
 
     counting = asyncio.create_task(rig.edge.process([order("ann", "e1")], on_record=rig.count))
-    await asyncio.sleep(0.01)
+    await counting_sent.wait()  # its change is staged, its records not yet acknowledged
     await rig.edge.process([order("bob", "e2")], on_record=answer)
     assert stored(rig, "t1/ann") is None  # its records are not acknowledged yet
 

@@ -124,7 +124,7 @@ def handling_batch() -> Iterator[_Batch]:
         _current_batch.reset(entered)
 
 
-def staging_in_batch(tables: StagedWrites) -> object:
+def staging_in_batch(tables: StagedWrites) -> _Batch:
     """Call when `tables` stages a write: the batch being handled writes it once its records are
     in. Returns that batch."""
     batch = _current_batch.get()
