@@ -164,14 +164,60 @@ class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
             await reader.stop()
         return ends
 
+    async def committed_offsets(self) -> dict[TP, int | None]:
+        """The group's committed offsets of the assigned partitions (nothing is sought)."""
+        return await self.call_thread(self._committed_offsets)
+
+    async def _committed_offsets(self) -> dict[TP, int | None]:
+        consumer = self._ensure_consumer()
+        return {TP(tp.topic, tp.partition): await consumer.committed(tp) for tp in consumer.assignment()}
+
+    async def seek_assigned(self, offsets: Mapping[TP, int | None]) -> set[TP]:
+        """Seek the partitions still assigned to their offsets (as aiokafka's seek_to_committed
+        does: none for an offset of 0 or None); returns the partitions still assigned."""
+        return await self.call_thread(self._seek_assigned, offsets)
+
+    async def _seek_assigned(self, offsets: Mapping[TP, int | None]) -> set[TP]:
+        consumer = self._ensure_consumer()
+        assigned = {TP(tp.topic, tp.partition) for tp in consumer.assignment()}
+        for tp, offset in offsets.items():
+            if tp in assigned and offset:
+                consumer.seek(TopicPartition(tp.topic, tp.partition), offset)
+        return assigned
+
 
 class Consumer(aiokafka_driver.Consumer):
+    # Committed offsets the fetch loop seeks to before its next fetch (see perform_seek).
+    _pending_seek: Mapping[TP, int | None] | None = None
+
     def _new_consumer_thread(self) -> ConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    async def perform_seek(self) -> None:
+        """faust's seek to the committed offsets after a rebalance, made by the fetch loop.
+
+        faust seeks in the consumer's thread while the fetch loop goes on, and sets the read
+        offsets once every partition is sought. Records fetched in between were then measured
+        against read offsets that no longer matched the positions: a run of them was skipped and
+        counted as a gap in the partition, and the gap was committed as handled. Seen as 34
+        checkouts never prompted when a worker took over partitions during its recovery. Here
+        the commits count from the committed offsets at once, and the fetch loop seeks, holding no
+        records, before it fetches again: a record delivered before that is read again, and the
+        edge drops the second copy."""
+        committed = await self._thread.committed_offsets()
+        self._committed_offset.update({tp: offset or None for tp, offset in committed.items() if offset is not None})
+        self._pending_seek = committed
+
+    async def _seek_pending(self) -> None:
+        offsets, self._pending_seek = self._pending_seek, None
+        assigned = await self._thread.seek_assigned(offsets)
+        self._read_offset.update({tp: offset if offset is not None and offset >= 0 else None
+                                  for tp, offset in offsets.items() if tp in assigned})
+
     async def _drain_messages(self, fetcher: ServiceT) -> None:
         """faust's fetch loop (the same checks, in the same order), except that records of batch
-        topics are gathered per partition and delivered once a fetch has been read."""
+        topics are gathered per partition and delivered once a fetch has been read, and that the
+        loop makes the seeks after a rebalance itself (see perform_seek)."""
         deliver = self.callback
         batch_topics = self.app.batch_topics
         read_offset = self._read_offset
@@ -179,6 +225,8 @@ class Consumer(aiokafka_driver.Consumer):
         stopped = lambda: self._stopped.is_set() or fetcher._stopped.is_set()  # noqa: E731
         try:
             while not stopped():
+                if self._pending_seek is not None:
+                    await self._seek_pending()
                 self.diag.set_flag(CONSUMER_FETCHING)
                 fetched = self.getmany(timeout=1.0)
                 await self.sleep(0)  # getmany may return at once, again and again
