@@ -124,16 +124,14 @@ def test_an_event_carries_its_batch_or_its_one_record() -> None:
     assert records_of(SimpleNamespace(message=records[0])) == [records[0]]
 
 
-
 class SeekingThread:
-    """The consumer thread's side of a seek: committed offsets read over a round trip, seeks recorded."""
+    """The consumer thread's side of a seek: the committed offsets it reads, and the seeks it makes."""
 
     def __init__(self, committed: dict[TP, int]) -> None:
         self.committed = committed
         self.sought: list[dict[TP, int | None]] = []
 
     async def committed_offsets(self) -> dict[TP, int]:
-        await asyncio.sleep(0)  # the fetch loop runs on meanwhile
         return dict(self.committed)
 
     async def seek_assigned(self, offsets: dict[TP, int | None]) -> set[TP]:
@@ -154,6 +152,7 @@ async def test_after_a_rebalance_the_fetch_loop_seeks_to_the_committed_offsets_b
     await consumer._seek_pending()
     assert consumer._thread.sought == [{checkouts: 2961}] and consumer._read_offset == {checkouts: 2961}
     assert consumer._pending_seek is None
+
 
 def test_a_stage_scaled_out_and_back_in_under_load_answers_every_record(tmp_path: Path) -> None:
     """Batches are acknowledged only once handled: while partitions move to a second worker

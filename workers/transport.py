@@ -30,7 +30,7 @@ import faust
 from aiokafka import TopicPartition
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.sensors.monitor import Monitor
-from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.consumer import CONSUMER_FETCHING, ensure_TP
 from faust.types import TP, EventT, Message, StreamT
 from faust.types.tuples import ConsumerMessage, ack_lock
 from mode import ServiceT
@@ -170,7 +170,7 @@ class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
 
     async def _committed_offsets(self) -> dict[TP, int | None]:
         consumer = self._ensure_consumer()
-        return {TP(tp.topic, tp.partition): await consumer.committed(tp) for tp in consumer.assignment()}
+        return {ensure_TP(tp): await consumer.committed(tp) for tp in consumer.assignment()}
 
     async def seek_assigned(self, offsets: Mapping[TP, int | None]) -> set[TP]:
         """Seek the partitions still assigned to their offsets (as aiokafka's seek_to_committed
@@ -178,11 +178,10 @@ class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
         return await self.call_thread(self._seek_assigned, offsets)
 
     async def _seek_assigned(self, offsets: Mapping[TP, int | None]) -> set[TP]:
-        consumer = self._ensure_consumer()
-        assigned = {TP(tp.topic, tp.partition) for tp in consumer.assignment()}
+        assigned = self.assignment()
         for tp, offset in offsets.items():
             if tp in assigned and offset:
-                consumer.seek(TopicPartition(tp.topic, tp.partition), offset)
+                self.seek(tp, offset)
         return assigned
 
 
