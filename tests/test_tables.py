@@ -90,6 +90,22 @@ async def test_a_change_whose_records_never_reached_kafka_is_made_again(rig: Sim
     assert stored(rig, "t1/bob") == {"orders": 1}
 
 
+async def test_once_partitions_have_moved_an_entry_is_read_as_recovery_stored_it(rig: SimpleNamespace) -> None:
+    """An entry is kept at hand once read or written; recovery after a rebalance writes the store
+    directly, so what was kept from before goes."""
+    await rig.edge.process([order("ann", "e1")], on_record=rig.count)
+    recovered = {"orders": 5}  # e.g. changes another worker made while it owned the partition
+    store = rig.counts.table.data
+    if hasattr(store, "_db_for_partition"):
+        store._db_for_partition(1)[b"t1/ann"] = envelope.dumps(recovered)
+    else:
+        store.data[b"t1/ann"] = recovered
+    rig.edge.app.consumer_generation_id += 1
+
+    await rig.edge.process([order("ann", "e2")], on_record=rig.count)
+    assert [out.event for out in rig.produced] == [{"orders": 1}, {"orders": 6}]
+
+
 async def test_a_handler_that_raises_leaves_no_change_behind(rig: SimpleNamespace) -> None:
     def fails_after_writing(item: Accepted) -> list[envelope.Out]:
         rig.count(item)  # the change is staged, then the handler fails: its outputs are dropped

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 # partitions together, share one block cache and one memtable budget instead.
 ROCKSDB_OPTIONS = {"write_buffer_size": 2 << 20, "max_write_buffer_number": 2, "block_cache_size": 8 << 20}
 MEMTABLE_BUDGET = 16 << 20
+# Decoded entries a table keeps at hand (`Entries`): a contact's state is a few KB decoded.
+CACHED_ENTRIES = 10_000
 
 
 class StageRocksDBOptions(faust_rocksdb.RocksDBOptions):
@@ -124,6 +126,11 @@ class Entries:
     def __init__(self, table: faust.Table) -> None:
         self.table = table
         self.name = table.name
+        # The decoded entries of this worker's partitions lately read or written (None: no entry),
+        # as the store holds them: a contact's next record finds them without a store read and a
+        # JSON decode. Emptied when partitions move, since recovery writes the store directly.
+        self._cache: dict[bytes, Any] = {}
+        self._cache_generation: int | None = None
         # key -> (partition, value (None for a delete, _UNDECODED), the value's bytes if known)
         self._staged: dict[bytes, tuple[int, Any, bytes | None]] = {}
         # What each key staged before the current handler's first write to it (_ABSENT: nothing).
@@ -141,8 +148,26 @@ class Entries:
             return store.data.get(key)
         if partition is None and current_event() is None:
             return store.get(key)
-        raw = self._stored_bytes(store, key, partition)
-        return None if raw is None else orjson.loads(raw)
+        cache = self._current_cache()
+        value = cache.get(key, _ABSENT)
+        if value is _ABSENT:
+            raw = self._stored_bytes(store, key, partition)
+            value = None if raw is None else orjson.loads(raw)
+            self._remember(cache, key, value)
+        return value
+
+    def _current_cache(self) -> dict[bytes, Any]:
+        generation = self.table.app.consumer_generation_id
+        if generation != self._cache_generation:
+            self._cache = {}
+            self._cache_generation = generation
+        return self._cache
+
+    @staticmethod
+    def _remember(cache: dict[bytes, Any], key: bytes, value: Any) -> None:
+        if len(cache) >= CACHED_ENTRIES and key not in cache:
+            del cache[next(iter(cache))]  # the oldest
+        cache[key] = value
 
     def extend(self, key: bytes, items: list[Any]) -> None:
         """Adds `items` to the end of the list entry `key` (made if missing). An encoded entry is
@@ -221,6 +246,7 @@ class Entries:
                     store.data[key] = value
             return
         batches: dict[int, Any] = {}
+        cache = self._current_cache()
         for key, (partition, value, encoded) in staged.items():
             batch = batches.get(partition)
             if batch is None:
@@ -229,6 +255,10 @@ class Entries:
                 batch.delete(key)
             else:
                 batch.put(key, json_bytes(value) if encoded is None else encoded)
+            if value is _UNDECODED:
+                cache.pop(key, None)
+            else:
+                self._remember(cache, key, value)
         for partition, batch in batches.items():
             store._db_for_partition(partition).write(batch)
 

@@ -291,7 +291,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
             state, outs = rules.due(before, tenant.settings, tenant.optins, now(), links)
         else:
             state, outs = rules.apply(event, before, tenant.settings, tenant.optins, now(), links)
-        if state != before:
+        if state is not before:  # the rules give the state they were given when nothing changed
             outs.append(contacts.set(key, state))
         changes = [out.event for out in outs if out.topic == envelope.CONSENT_LOG and out.event]
         if changes:
