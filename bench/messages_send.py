@@ -3,7 +3,9 @@
 One worker (`usher worker messages`, the production RocksDB store) is started on pre-loaded
 `message.requested` records of one e-mail message. `send_per_s` counts the e-mails the
 stand-in received per second, from its first request to its last; `send_peak_rss_mb` is the
-worker's peak resident memory (VmHWM) over the whole run, startup included.
+worker's peak resident memory (VmHWM) over the whole run, startup included; `send_cpu_us_per_mail`
+the worker's CPU time (every thread) over the same span as `send_per_s`, per mail: unlike the
+rate, it holds on a machine that other work keeps busy.
 """
 from __future__ import annotations
 
@@ -39,7 +41,9 @@ class CountingStandIn(SendGridStandIn):
 
     def __init__(self) -> None:
         super().__init__()
-        self.arrivals: list[tuple[float, int]] = []
+        # (when, the bench's mails it carried, the worker's CPU seconds by then)
+        self.arrivals: list[tuple[float, int, float]] = []
+        self.worker_pid: int | None = None
 
     def _answer(self, authorization: str | None, raw: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
         answer = super()._answer(authorization, raw)
@@ -49,12 +53,12 @@ class CountingStandIn(SendGridStandIn):
                 personalizations = self.accepted.pop()["personalizations"]
                 ours = sum(1 for item in personalizations if item["custom_args"]["tenant"] == TENANT)
                 if ours:
-                    self.arrivals.append((time.perf_counter(), ours))
+                    self.arrivals.append((time.perf_counter(), ours, cpu_s(self.worker_pid)))
         return answer
 
     @property
     def received(self) -> int:
-        return sum(count for _, count in self.arrivals)
+        return sum(count for _, count, _ in self.arrivals)
 
 
 def request(number: int) -> envelope.Out:
@@ -74,6 +78,15 @@ def settings() -> envelope.Out:
     return envelope.Out(envelope.CONFIG, envelope.key(TENANT, "settings", "default"), event)
 
 
+def cpu_s(pid: int | None) -> float:
+    """The CPU seconds (user and system, every thread) process `pid` has used so far."""
+    if pid is None:
+        return 0.0
+    # Fields 14 and 15 of /proc/PID/stat, after the command name in parentheses.
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -87,6 +100,7 @@ async def measure(bootstrap: str, workdir: Path) -> dict[str, Any]:
         env = {"USHER_EMAIL_PROVIDER": "sendgrid", "USHER_SENDGRID_API_KEY": API_KEY,
                "USHER_SENDGRID_HOST": standin.host, "USHER_EMAIL_RATE_PER_S": "0"}
         with stage_worker("messages", bootstrap, workdir, "messages-send", env) as (worker, port):
+            standin.worker_pid = worker.pid
             await wait_ready(port, worker, workdir / "messages-send.log")
             deadline, last_count, last_change = time.monotonic() + DEADLINE_S, 0, time.monotonic()
             while standin.received < RECIPIENTS and time.monotonic() < deadline and worker.poll() is None:
@@ -101,8 +115,10 @@ async def measure(bootstrap: str, workdir: Path) -> dict[str, Any]:
         return {"send_per_s": 0.0, "send_peak_rss_mb": round(peak, 1), "note": f"SendGrid received {standin.received}; see {workdir}/messages-send.log"}
     # The first request's mails were rendered before the clock starts: count the ones after it.
     elapsed = arrivals[-1][0] - arrivals[0][0]
+    mails = standin.received - arrivals[0][1]
     return {
-        "send_per_s": round((standin.received - arrivals[0][1]) / elapsed, 1),
+        "send_per_s": round(mails / elapsed, 1),
+        "send_cpu_us_per_mail": round((arrivals[-1][2] - arrivals[0][2]) / mails * 1e6, 1),
         "send_peak_rss_mb": round(peak, 1),
         "send_peak_rss_recipients": standin.received,
         "send_requests": len(arrivals),
