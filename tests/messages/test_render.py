@@ -355,9 +355,9 @@ def assert_rendered_once_is_rendered_alone(renderer: LayoutRenderer, render_for:
         once = render_for(renderer, first, last, PERSONAL)
         alone = render_for(LayoutRenderer(), first, last, frozenset())
         assert (once.subject, once.html, once.text, once.segments) == (alone.subject, alone.html, alone.text, alone.segments)
-        if once.factored is not None:
-            html, text, substitutions = once.factored
-            assert (render.substitute(html, substitutions), render.substitute(text, substitutions)) == (alone.html, alone.text)
+        if once.substitutions is not None:
+            assert (render.substitute(once.html_body, once.substitutions), render.substitute(once.text_body, once.substitutions)) == (
+                alone.html, alone.text)
         outs.append(once)
     return outs
 
@@ -375,8 +375,8 @@ def test_a_default_layout_rendered_once_for_many_recipients_gives_each_their_own
     outs = assert_rendered_once_is_rendered_alone(LayoutRenderer(), render_for)
     if layout_id == "event-message" and channel == "email":
         # The mail a message goes out as: one body for all recipients with a first name.
-        with_name = [out.factored[0] for out, (first, _) in zip(outs, RECIPIENTS) if first and "%usher" not in first]
-        assert all(out.factored is not None for out in outs[:5]) and len(set(with_name)) == 1
+        with_name = [out.html_body for out, (first, _) in zip(outs, RECIPIENTS) if first and "%usher" not in first]
+        assert all(out.substitutions is not None for out in outs[:5]) and len(set(with_name)) == 1
 
 
 @pytest.mark.parametrize(("source", "plain"), [
@@ -405,7 +405,7 @@ def test_a_tenant_layout_is_rendered_once_only_when_it_uses_personal_values_plai
                                personal=personal)
 
     outs = assert_rendered_once_is_rendered_alone(LayoutRenderer(), render_for)
-    assert (outs[0].factored is not None) is plain
+    assert (outs[0].substitutions is not None) is plain
 
 
 def test_a_service_mail_without_an_unsubscribe_link_is_rendered_once_too(renderer: LayoutRenderer) -> None:
@@ -414,5 +414,5 @@ def test_a_service_mail_without_an_unsubscribe_link_is_rendered_once_too(rendere
 
     once = renderer.render("t1", "event-message", "email", ["en"], lambda _: variables, personal=PERSONAL)
 
-    assert once.factored is not None and "nsubscribe" not in once.text
+    assert once.substitutions is not None and "nsubscribe" not in once.text
     assert once.text == LayoutRenderer().render("t1", "event-message", "email", ["en"], lambda _: variables).text

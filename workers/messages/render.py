@@ -120,12 +120,25 @@ def personal_token(variable: str, html: bool) -> str:
 class Rendered:
     language: str
     subject: str | None
-    html: str | None
-    text: str
+    html_body: str | None
+    text_body: str
     segments: int | None
     encoding: str | None
-    # An e-mail rendered once for many recipients: its bodies with tokens (see `render`).
-    factored: Factored | None = None
+    # An e-mail rendered once for many recipients: its bodies hold a token for each of the
+    # recipient's own values, and these are the tokens' values (see `render`). A provider that
+    # substitutes (SendGrid) sends the bodies as they are, so they are filled in only when read.
+    substitutions: Mapping[str, str] | None = None
+
+    @property
+    def html(self) -> str | None:
+        """The HTML as the recipient gets it."""
+        if self.html_body is None or not self.substitutions:
+            return self.html_body
+        return substitute(self.html_body, self.substitutions)
+
+    @property
+    def text(self) -> str:
+        return substitute(self.text_body, self.substitutions) if self.substitutions else self.text_body
 
 
 def sms_segments(text: str) -> tuple[int, str]:
@@ -640,19 +653,22 @@ def _token_plan(uses: Iterable[dict[str, frozenset[str]] | None], personal: froz
     return tuple(mine), tuple(others)
 
 
-def _fill_in(tokened: _Tokened, values: Mapping[str, str]) -> tuple[dict[str, str], Factored | None]:
-    """One recipient's parts from the renderings with tokens, and an e-mail's factored bodies."""
+def _fill_in(tokened: _Tokened, values: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """One recipient's parts from the renderings with tokens, and the substitutions of an e-mail's
+    bodies: those keep their tokens (see `Rendered`), an e-mail's subject and an SMS go out filled in."""
     parts, substitutions = {}, {}
+    email = "html" in tokened
     for part, (text, held) in tokened.items():
         if part == "html":
             own = {token: str(escape(values[path])) for path, token in held}
         else:
             own = {token: values[path] for path, token in held}
-        parts[part] = substitute(text, own)
-        if part != "subject":  # a subject goes out filled in
+        if email and part != "subject":
+            parts[part] = text
             substitutions.update(own)
-    factored = (tokened["html"][0], tokened["text"][0], substitutions) if "html" in tokened else None
-    return parts, factored
+        else:
+            parts[part] = substitute(text, own)
+    return parts, substitutions
 
 
 def substitute(text: str, substitutions: Mapping[str, str]) -> str:
@@ -726,7 +742,7 @@ class LayoutRenderer:
         `personal` names the variables that differ from one recipient of a message to the next
         (`contact.first_name`, `unsubscribe_url`): when every part uses them plainly, the parts are
         rendered once for all recipients alike and filled in (see `_variable_uses`), and an
-        e-mail's `factored` holds its bodies with tokens."""
+        e-mail's bodies keep their tokens, with their `substitutions`."""
         layout = self.layout_for(layout_id, channel, override)
         if layout is None:
             raise RenderError(f"there is no {channel} layout {layout_id!r}")
@@ -740,14 +756,14 @@ class LayoutRenderer:
         filled_in = self._tokened(compiled, variables, personal) if personal else None
         if filled_in is None:
             parts = {part: self._render_part(compiled_part, variables) for part, compiled_part in compiled.items()}
-            factored = None
+            substitutions = None
         else:
-            parts, factored = filled_in
+            parts, substitutions = filled_in
         if channel == "sms":
             text = parts["text"].strip()
             segments, encoding = sms_segments(text)
             return Rendered(language, None, None, text, segments, encoding)
-        return Rendered(language, " ".join(parts["subject"].split()), parts["html"], parts["text"], None, None, factored)
+        return Rendered(language, " ".join(parts["subject"].split()), parts["html"], parts["text"], None, None, substitutions)
 
     def forget(self, tenant: str, layout_id: str) -> None:
         for cache_key in [k for k in self._compiled if k[0] == tenant and k[1] == layout_id]:
@@ -804,9 +820,9 @@ class LayoutRenderer:
 
     def _tokened(
         self, compiled: Mapping[str, tuple[tuple[str, str, str, str, str], _Compiled]], variables: Mapping[str, Any], personal: frozenset[str]
-    ) -> tuple[dict[str, str], Factored | None] | None:
-        """The parts filled in from their renderings with tokens, and an e-mail's factored
-        bodies; None when a part is not plain (it is then rendered as usual)."""
+    ) -> tuple[dict[str, str], dict[str, str]] | None:
+        """The parts filled in from their renderings with tokens, but an e-mail's bodies, and those
+        bodies' substitutions (see `_fill_in`); None when a part is not plain (it is then rendered as usual)."""
         entries = tuple(entry for _, entry in compiled.values())
         plan = self._plans.get((entries, personal), _MISSING)
         if plan is _MISSING:

@@ -157,7 +157,6 @@ def plan_send(
         return failed_status(request, str(error), now)
 
     prefix = TEST_PREFIX if kind == TEST_KIND else ""
-    html_body, text_body, substitutions = rendered.factored or (rendered.html or "", rendered.text, {})
     if channel == "sms":
         return SmsSend(
             request=data["request"],
@@ -174,13 +173,13 @@ def plan_send(
         sender_email=sender["email"],
         sender_name=sender.get("name") or "",
         subject=prefix + (rendered.subject or ""),
-        html_body=html_body,
-        text_body=text_body,
-        substitutions=substitutions,
+        html_body=rendered.html_body or "",
+        text_body=rendered.text_body,
+        substitutions=rendered.substitutions or {},
         unsubscribe_url=request_vars.get("unsubscribe_url") if kind == MARKETING_KIND else None,
         test=kind == TEST_KIND,
         # For a provider to factor a mail rendered on its own; one rendered once is factored already.
-        personal=() if substitutions else _personal_values(profile, request_vars),
+        personal=() if rendered.substitutions else _personal_values(profile, request_vars),
     )
 
 
