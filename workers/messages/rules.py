@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
+from functools import lru_cache
 from itertools import islice
 from typing import Any
 
@@ -203,7 +204,12 @@ def _personal_vars(request_vars: Mapping[str, Any]) -> list[str]:
 def _personal_variables(request_vars: Mapping[str, Any]) -> frozenset[str]:
     """The layout variables that differ from one recipient to the next (see `LayoutRenderer.render`):
     the contact's, and the request's personal `vars`."""
-    return _PERSONAL_CONTACT_VARIABLES.union(_personal_vars(request_vars))
+    return _with_contact_variables(tuple(_personal_vars(request_vars)))
+
+
+@lru_cache(maxsize=256)  # a message's requests name the same vars: one set, its hash computed once
+def _with_contact_variables(names: tuple[str, ...]) -> frozenset[str]:
+    return _PERSONAL_CONTACT_VARIABLES.union(names)
 
 
 def _personal_values(profile: Mapping[str, Any], request_vars: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
