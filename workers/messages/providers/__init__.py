@@ -32,7 +32,7 @@ SENDGRID_HOST = "https://api.sendgrid.com"
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs more, and a send is made a mail
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs more, and one is made for every mail
 class EmailSend:
     request: str
     tenant: str
