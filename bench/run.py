@@ -15,7 +15,6 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench import consent_revoke, messages_send, prompts_http
-from bench.common import PARTITIONS, bare_loop, load, stage_worker, wait_ready
+from bench.common import PARTITIONS, bare_loop, load, stage_worker
 from bench.floor import io_floor
 from workers import envelope
 from workers.broker import free_port, start_broker, stop_broker
@@ -53,12 +52,6 @@ class StageBench:
     expected_outputs: Callable[[int], int]
     records: int = 20_000
     floor: Floor | None = None
-    # Worker processes of the stage, one consumer group, as ops scale a stage.
-    workers: int = 1
-
-    @property
-    def label(self) -> str:
-        return self.stage if self.workers == 1 else f"{self.stage}-{self.workers}-workers"
 
 
 def orders(shop: Shop, count: int) -> list[envelope.Out]:
@@ -94,8 +87,6 @@ STAGE_BENCHES = [
     # changes (the shop's orders answer two opt-ins each).
     StageBench("consent", envelope.CONSENT_LOG, lambda shop: orders(shop, 20_000), lambda n: 2 * n,
                floor=Floor(envelope.ORDERS, (envelope.CONSENT_LOG, envelope.CONSENT_STATE, envelope.OUTBOX))),
-    # The stage as scaled out on this machine: one worker a core (the baseline stays one process).
-    StageBench("consent", envelope.CONSENT_LOG, lambda shop: orders(shop, 20_000), lambda n: 2 * n, workers=os.cpu_count() or 1),
     StageBench("segments", envelope.CONTACTS_STATE, lambda shop: orders(shop, 20_000), lambda n: n),
     StageBench("messages", envelope.DELIVERIES, lambda shop: message_requests(shop, 20_000), lambda n: n),
 ]
@@ -135,24 +126,16 @@ async def baseline(bootstrap: str, shop: Shop) -> float:
 
 
 async def measure_stage(bootstrap: str, bench: StageBench, workdir: Path) -> dict[str, Any]:
-    shop = Shop(tenant=f"bench-{bench.label}", contacts=5_000)
+    shop = Shop(tenant=f"bench-{bench.stage}", contacts=5_000)
     inputs = bench.inputs(shop)
     # The venue's configuration first, so each stage does its real work (opt-ins to ask, double
     # opt-in mails, segments to judge) rather than the little an unconfigured tenant needs.
-    await load(bootstrap, shop.setup())
+    await load(bootstrap, shop.setup() + inputs)
     expected = bench.expected_outputs(len(inputs))
     outputs = OutputCounter(bootstrap, bench.output_topic, shop.tenant)
     await outputs.start()
     try:
-        with ExitStack() as running:
-            names = [f"{bench.label}-{number}" for number in range(bench.workers)]
-            started = [running.enter_context(stage_worker(bench.stage, bootstrap, workdir, name)) for name in names]
-            # Every worker has joined the group and is ready before the inputs come: none is timed
-            # while partitions move between them.
-            for name, (worker, port) in zip(names, started):
-                await wait_ready(port, worker, workdir / f"{name}.log")
-            await load(bootstrap, inputs)
-            workers = [worker for worker, _ in started]
+        with stage_worker(bench.stage, bootstrap, workdir, bench.stage) as (worker, _):
             first_at = last_at = None
             produced = 0
             deadline = time.monotonic() + 300
@@ -165,14 +148,14 @@ async def measure_stage(bootstrap: str, bench: StageBench, workdir: Path) -> dic
                     produced = now_total
                 elif last_at and time.perf_counter() - last_at > IDLE_S:
                     break
-                if any(worker.poll() is not None for worker in workers):
+                if worker.poll() is not None:
                     break
     finally:
         await outputs.stop()
     if not first_at or produced < 2 or last_at == first_at:
-        return {"per_s": 0.0, "outputs": produced, "note": f"no outputs; see {workdir}/{bench.label}-*.log"}
+        return {"per_s": 0.0, "outputs": produced, "note": f"no outputs; see {workdir / bench.stage}.log"}
     return {"per_s": round(produced / (last_at - first_at), 1), "counts": f"{bench.output_topic} records", "outputs": produced,
-            "inputs": len(inputs), "workers": bench.workers}
+            "inputs": len(inputs)}
 
 
 async def measure_floor(bootstrap: str, bench: StageBench, inputs: int, base: float) -> dict[str, Any]:
@@ -207,8 +190,8 @@ async def main() -> dict[str, Any]:
             figures["ratio"] = round(figures["per_s"] / base, 3) if base else 0.0
             if bench.floor is not None:
                 figures |= await measure_floor(bootstrap, bench, figures["inputs"], base)
-            results["stages"][bench.label] = figures
-            print(f"{bench.label:9} {figures['per_s']:10.0f} records/s  ratio {figures['ratio']:.3f}  ({figures})", flush=True)
+            results["stages"][bench.stage] = figures
+            print(f"{bench.stage:9} {figures['per_s']:10.0f} records/s  ratio {figures['ratio']:.3f}  ({figures})", flush=True)
         for name, extra in EXTRA_BENCHES:
             figures = await extra(bootstrap, workdir)
             results.update(figures)
