@@ -137,3 +137,22 @@ def test_stable_ids_are_the_uuid5_they_always_were() -> None:
         suffix = f"changed/c-{number}/newsletter"
         name = f"{cause['tenant']}|{cause['source']}|{cause['id']}|{suffix}"
         assert derived_id(cause, suffix) == str(uuid.uuid5(uuid.NAMESPACE_URL, name))
+
+
+async def test_a_batch_of_records_is_acknowledged_without_waiting_out_the_producers_linger(broker: str) -> None:
+    # The edge hands aiokafka finished batches: kept open, each waited out the producer's linger
+    # before it went to the broker, and a stage awaits several acknowledgements a batch.
+    from aiokafka import AIOKafkaProducer
+
+    from workers.edge import produce_batches
+
+    linger_s = 5.0
+    producer = AIOKafkaProducer(bootstrap_servers=broker.removeprefix("kafka://"), linger_ms=int(linger_s * 1000))
+    await producer.start()
+    try:
+        event = envelope.make_event("order.cancelled", "t1", {"order": "o-1"}, source="/shop", id_="evt-linger")
+        started = asyncio.get_running_loop().time()
+        await produce_batches(producer, [envelope.Out(envelope.ORDERS, "t1/c-1", event)])
+        assert asyncio.get_running_loop().time() - started < linger_s / 2
+    finally:
+        await producer.stop()

@@ -400,10 +400,13 @@ async def produce_batches(producer: AIOKafkaProducer, outs: Iterable[envelope.Ou
         batch = producer.create_batch()
         for out in items:
             key, value = out.key.encode(), out.value_bytes()
-            if batch.append(key=key, value=value, timestamp=None) is None:
+            if batch.append(key=key, value=value, timestamp=None) is None:  # full, and closed by that
                 acknowledgements.append(await producer.send_batch(batch, topic, partition=partition))
                 batch = producer.create_batch()
                 batch.append(key=key, value=value, timestamp=None)
+        # Closed, it goes out at once: aiokafka holds an open batch for the producer's linger (2 ms)
+        # in case more records come, and none will.
+        batch.close()
         acknowledgements.append(await producer.send_batch(batch, topic, partition=partition))
         produced[topic] += len(items)
     if acknowledgements:

@@ -254,11 +254,12 @@ class BatchedTable(faust.Table):
             for key, value in values.items():
                 raw = value if value is None or type(value) is _Encoded else value_bytes(value)
                 record = {"key": key_bytes(key), "value": raw, "timestamp": None}
-                if batch.append(**record) is None:
+                if batch.append(**record) is None:  # full, and closed by that
                     sent.append((partition, count, await producer.send_batch(batch, name, partition=partition)))
                     batch, count = producer.create_batch(), 0
                     batch.append(**record)
                 count += 1
+            batch.close()  # sent at once, not after the producer's linger (see `produce_batches`)
             sent.append((partition, count, await producer.send_batch(batch, name, partition=partition)))
         for partition, count, acknowledgement in sent:
             metadata = await acknowledgement
