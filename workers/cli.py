@@ -11,6 +11,12 @@ from workers import memory
 from workers.settings import Settings
 from workers.stage import STAGES
 
+# How long a thread holds the interpreter while another waits for it. A worker's event loop
+# keeps it busy, and its other threads (faust's consumer, the provider calls) wait for it after
+# every socket read or write: at Python's default of 5 ms, a SendGrid request of 1,000 mails
+# took 41-48 ms against a local stand-in while the loop was busy, and 21 ms at 0.5 ms.
+SWITCH_INTERVAL_S = 0.0005
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {}
@@ -74,6 +80,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             logger.setLevel(level_number(self.loglevel))
 
     memory.tune_process()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = build_app(stages, settings)
     worker = Worker(app, loglevel=args.loglevel, quiet=True)
     worker.execute_from_commandline()
