@@ -188,40 +188,44 @@ class BatchedTable(faust.Table):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._changes: dict[int, dict[Any, Any]] = defaultdict(dict)
+        # Whether the store is RocksDB with json keys and values (see `_partition_db`); known once it is open.
+        self._direct: bool | None = None
 
     def on_key_set(self, key: Any, value: Any) -> None:
         self._changes[self.partition_for_key(key)][key] = value
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        db = self._partition_db()
+        event = current_event()
+        db = self._partition_db(event)
         if db is None:
             super().__setitem__(key, value)
         else:
             # faust's own path, less its serializer registry: the same bytes, straight to the store,
             # and kept for the changelog (encoded once).
             encoded = _Encoded(json_bytes(value))
-            self.on_key_set(key, encoded)
+            self._changes[event.message.partition][key] = encoded
             db.put(json_bytes(key), encoded)
 
     def value(self, key: Any) -> Any:
         """`self.get(key)` (None when missing) with one store lookup: faust's `get` looks a key up
-        twice (`in`, then the value) and raises and catches a KeyError for a missing one."""
-        db = self._partition_db()
+        twice (`in`, then the value) and raises and catches a KeyError for a missing one. Like
+        `__setitem__`, it leaves out faust's per-key statistics, which Usher does not serve."""
+        db = self._partition_db(current_event())
         if db is None:
             return self.get(key)
-        self.on_key_get(key)
         raw = db.get(json_bytes(key))
         return None if raw is None else self.data._decode_value(raw)
 
-    def _partition_db(self) -> Any:
-        """The RocksDB of the current record's partition, as faust's store reads and writes it
-        within a record's context, less the key index it keeps (an LRU behind a lock, costing
-        more than the lookup): the stage reads its keys in their records' context. None outside
-        a record's context, for another store, or another serializer than json."""
-        store, event = self.data, current_event()
-        if event is None or not (isinstance(store, faust_rocksdb.Store) and self.key_serializer == self.value_serializer == "json"):
+    def _partition_db(self, event: Any) -> Any:
+        """The RocksDB of `event`'s partition, as faust's store reads and writes it within a
+        record's context, less the key index it keeps (an LRU behind a lock, costing more than
+        the lookup): the stage reads its keys in their records' context. None outside a record's
+        context (`event` None), for another store, or another serializer than json."""
+        if event is None:
             return None
-        return store._db_for_partition(event.message.partition)
+        if self._direct is None:
+            self._direct = isinstance(self.data, faust_rocksdb.Store) and self.key_serializer == self.value_serializer == "json"
+        return self.data._db_for_partition(event.message.partition) if self._direct else None
 
     def _encoders(self) -> tuple[Callable[[Any], bytes], Callable[[Any], bytes]]:
         """How changelog keys and values are encoded: for the `json` serializer straight through
@@ -575,9 +579,11 @@ class Callbacks:
         # A key names this provider call, so only this record writes it (read again, it writes the
         # same): the entries are made here whole, without reading what the table holds.
         sent_to: dict[str, dict[str, Any]] = defaultdict(dict)
+        provider, provider_id = data["provider"], data["provider_id"]
         for recipient in data["recipients"]:
-            key = rules.correlation_key(item.tenant, data["provider"], data["provider_id"], recipient["address"])
-            sent_to[key][recipient["request"]] = {name: recipient[name] for name in RECIPIENT_FIELDS} | {"provider_id": data["provider_id"]}
+            subject = {name: recipient[name] for name in RECIPIENT_FIELDS}
+            subject["provider_id"] = provider_id
+            sent_to[rules.recipient_key(group, provider, recipient["address"])][recipient["request"]] = subject
         for key, requests in sent_to.items():
             self.sends[key] = requests
         waiting = self.waiting.value(group)

@@ -427,7 +427,11 @@ def correlation_group(tenant: str, provider: str, provider_id: str) -> str:
 def correlation_key(tenant: str, provider: str, provider_id: str, address: str | None = None) -> str:
     """Where a sent message is found again from a callback that carries no request
     id: its `correlation_group`, and for SendGrid the address telling its recipients apart."""
-    group = correlation_group(tenant, provider, provider_id)
+    return recipient_key(correlation_group(tenant, provider, provider_id), provider, address)
+
+
+def recipient_key(group: str, provider: str, address: str | None) -> str:
+    """`correlation_key` of one of the recipients of correlation group `group`."""
     return key(group, (address or "").lower()) if provider == "sendgrid" else group
 
 
