@@ -397,21 +397,31 @@ async def produce_batches(producer: AIOKafkaProducer, outs: Iterable[envelope.Ou
     acknowledgements = []
     produced: dict[str, int] = defaultdict(int)
     for (topic, partition), items in by_partition.items():
-        batch = producer.create_batch()
-        for out in items:
-            key, value = out.key.encode(), out.value_bytes()
-            if batch.append(key=key, value=value, timestamp=None) is None:  # full, and closed by that
-                acknowledgements.append(await producer.send_batch(batch, topic, partition=partition))
-                batch = producer.create_batch()
-                batch.append(key=key, value=value, timestamp=None)
-        # Closed, it goes out at once: aiokafka holds an open batch for the producer's linger (2 ms)
-        # in case more records come, and none will.
-        batch.close()
-        acknowledgements.append(await producer.send_batch(batch, topic, partition=partition))
+        sent = await send_to_partition(producer, topic, partition, ((out.key.encode(), out.value_bytes()) for out in items))
+        acknowledgements += [acknowledgement for acknowledgement, _ in sent]
         produced[topic] += len(items)
     if acknowledgements:
         await asyncio.gather(*acknowledgements)
     return produced
+
+
+async def send_to_partition(producer: AIOKafkaProducer, topic: str, partition: int,
+                            records: Iterable[tuple[bytes | None, bytes | None]]) -> list[tuple[asyncio.Future[Any], int]]:
+    """Sends `records` (key, value) to one partition in as few batches as they fit; returns each
+    batch's acknowledgement, with how many records it holds."""
+    sent = []
+    batch, count = producer.create_batch(), 0
+    for key, value in records:
+        if batch.append(key=key, value=value, timestamp=None) is None:  # full, and closed by that
+            sent.append((await producer.send_batch(batch, topic, partition=partition), count))
+            batch, count = producer.create_batch(), 0
+            batch.append(key=key, value=value, timestamp=None)
+        count += 1
+    # Closed, it goes out at once: aiokafka holds an open batch for the producer's linger (2 ms)
+    # in case more records come, and none will.
+    batch.close()
+    sent.append((await producer.send_batch(batch, topic, partition=partition), count))
+    return sent
 
 
 _PARTITIONS: dict[str, int] = {}

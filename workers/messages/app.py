@@ -56,7 +56,7 @@ from faust.web import Request, Response, View
 
 from workers import envelope, schemas, web
 from workers.consent.rules import Links
-from workers.edge import Accepted, produce
+from workers.edge import Accepted, produce, send_to_partition
 from workers.owners import Owners
 from workers.messages import rules, webhooks
 from workers.messages.providers import (
@@ -254,17 +254,10 @@ class BatchedTable(faust.Table):
         key_bytes, value_bytes = self._encoders()
         sent = []
         for partition, values in changes.items():
-            batch, count = producer.create_batch(), 0
-            for key, value in values.items():
-                raw = value if value is None or type(value) is _Encoded else value_bytes(value)
-                record = {"key": key_bytes(key), "value": raw, "timestamp": None}
-                if batch.append(**record) is None:  # full, and closed by that
-                    sent.append((partition, count, await producer.send_batch(batch, name, partition=partition)))
-                    batch, count = producer.create_batch(), 0
-                    batch.append(**record)
-                count += 1
-            batch.close()  # sent at once, not after the producer's linger (see `produce_batches`)
-            sent.append((partition, count, await producer.send_batch(batch, name, partition=partition)))
+            records = ((key_bytes(key), value if value is None or type(value) is _Encoded else value_bytes(value))
+                       for key, value in values.items())
+            sent += [(partition, count, acknowledgement)
+                     for acknowledgement, count in await send_to_partition(producer, name, partition, records)]
         for partition, count, acknowledgement in sent:
             metadata = await acknowledgement
             # What faust records per change: a RocksDB store resumes its recovery after this offset.
