@@ -30,7 +30,7 @@ import faust
 from aiokafka import TopicPartition
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.sensors.monitor import Monitor
-from faust.transport.consumer import CONSUMER_FETCHING, ensure_TP
+from faust.transport.consumer import CONSUMER_FETCHING
 from faust.types import TP, EventT, Message, StreamT
 from faust.types.tuples import ConsumerMessage, ack_lock
 from mode import ServiceT
@@ -170,7 +170,7 @@ class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
 
     async def _committed_offsets(self) -> dict[TP, int | None]:
         consumer = self._ensure_consumer()
-        return {ensure_TP(tp): await consumer.committed(tp) for tp in consumer.assignment()}
+        return {tp: await consumer.committed(tp) for tp in self.assignment()}
 
     async def seek_assigned(self, offsets: Mapping[TP, int | None]) -> set[TP]:
         """Seek the partitions still assigned to their offsets (as aiokafka's seek_to_committed
