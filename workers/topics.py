@@ -56,6 +56,8 @@ INTERNAL_TOPICS = (
     TopicSpec("usher.messages.correlated"),
     # provider callbacks' statuses for the contact's message history, keyed {tenant}/{contact}
     TopicSpec("usher.messages.by-contact"),
+    # a batch's statuses of a message's own mails, for the message's history, keyed {tenant}/{message}
+    TopicSpec("usher.messages.by-message"),
 )
 
 ALL_TOPICS = CONTRACT_TOPICS + INTERNAL_TOPICS

@@ -7,14 +7,15 @@ import faust
 import pytest
 
 from workers.edge import Accepted, Delivered
-from workers.envelope import make_event
+from workers.envelope import DELIVERIES, Out, make_event
 from workers.messages import app as messages_app
+from workers.schemas import problem
 from workers.messages.rules import (
     contact_history_key,
     contact_history_page,
     fold_recipient,
     fold_status,
-    history_keys,
+    history_key,
     history_page,
 )
 
@@ -97,9 +98,43 @@ def test_only_a_messages_own_mails_are_in_its_history() -> None:
     def event(data: dict[str, Any]) -> dict[str, Any]:
         return {"tenant": "t1", "data": data}
 
-    assert history_keys(event(status("r1", "c-1", "sent", "12:00:00"))) == ("t1/msg-1", "t1/msg-1/r1")
-    assert history_keys(event(status("r9", "c-1", "sent", "12:00:00", kind="test"))) is None
-    assert history_keys(event(status("r8", "c-1", "sent", "12:00:00", kind="doi-confirmation"))) is None
+    assert history_key(event(status("r1", "c-1", "sent", "12:00:00"))) == "t1/msg-1"
+    assert history_key(event(status("r9", "c-1", "sent", "12:00:00", kind="test"))) is None
+    assert history_key(event(status("r8", "c-1", "sent", "12:00:00", kind="doi-confirmation"))) is None
+
+
+def delivery(data: dict[str, Any]) -> Out:
+    return Out(DELIVERIES, "t1/msg-1", make_event("delivery.status", "t1", data, source="/usher/messages",
+                                                  id_=f"{data['request']}-{data['status']}"))
+
+
+def test_a_batchs_statuses_reach_the_history_as_one_record_per_message_of_its_own_mails() -> None:
+    outs = [delivery(status("r1", "c-1", "sent", "12:00:00")), delivery(status("r9", "c-1", "sent", "12:00:00", kind="test")),
+            delivery(status("r2", "c-2", "failed", "12:00:01", orders=3)),
+            delivery(status("r3", "c-3", "sent", "12:00:02") | {"message": "msg-2"})]
+
+    records = messages_app.history_records(outs)
+
+    assert [(record.topic, record.key) for record in records] == [(messages_app.BY_MESSAGE, "t1/msg-1"),
+                                                                  (messages_app.BY_MESSAGE, "t1/msg-2")]
+    assert all(problem(record.event) is None for record in records)
+    assert records[0].event["data"]["statuses"] == [
+        {"request": "r1", "message": "msg-1", "contact": "c-1", "channel": "email", "kind": "event-message", "orders": 1,
+         "status": "sent", "at": "2026-11-30T12:00:00.000Z"},
+        {"request": "r2", "message": "msg-1", "contact": "c-2", "channel": "email", "kind": "event-message", "orders": 3,
+         "status": "failed", "at": "2026-11-30T12:00:01.000Z"},
+    ]
+
+
+def test_a_large_batch_is_split_and_a_batch_handled_again_gives_the_same_records() -> None:
+    outs = [delivery(status(f"r{n}", f"c-{n}", "sent", "12:00:00")) for n in range(1200)]
+
+    records = messages_app.history_records(outs)
+
+    assert [len(record.event["data"]["statuses"]) for record in records] == [500, 500, 200]
+    assert all(problem(record.event) is None for record in records)
+    assert [record.event["id"] for record in messages_app.history_records(outs)] == [record.event["id"] for record in records]
+    assert len({record.event["id"] for record in records}) == 3
 
 
 def test_a_contact_sees_its_own_messages_including_tests_and_opt_in_mails() -> None:
@@ -127,15 +162,12 @@ def test_a_contact_sees_its_own_messages_including_tests_and_opt_in_mails() -> N
 async def test_pages_follow_the_order_statuses_came_in_across_order_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The agent's tables, without a broker: rows in chunks of two, pages of three."""
     monkeypatch.setattr(messages_app, "ORDER_CHUNK", 2)
-    app = faust.App("test-history-order", broker="kafka://localhost:1", store="memory://", topic_partitions=6, autodiscover=False)
-    table = messages_app.batched_table(app, "messages-history")
-    monkeypatch.setattr(table, "flush", _nothing_to_flush)
-    agent = messages_app.History(SimpleNamespace(edge=None), table)
+    agent = history_agent(monkeypatch, "test-history-order")
     sent = [status(f"r{n}", f"c-{n}", "sent", f"12:00:0{n}") for n in (5, 3, 1, 4, 2)]
     later = [status("r3", "c-3", "delivered", "12:01:00"), status("r6", "c-6", "failed", "12:02:00")]
 
-    await agent.handle([accepted(item) for item in sent[:3]])
-    await agent.handle([accepted(item) for item in sent[3:] + later + sent[:1]])
+    await agent.handle([accepted(sent[:3])])
+    await agent.handle([accepted(sent[3:5]), accepted(later + sent[:1])])
 
     pages = [agent.page("t1", "msg-1", page, 3) for page in (1, 2, 3)]
     assert [[(item["request"], item["status"]) for item in page["items"]] for page in pages] == [
@@ -144,11 +176,29 @@ async def test_pages_follow_the_order_statuses_came_in_across_order_chunks(monke
     assert [item["request"] for item in agent.page("t1", "msg-1", 2, 2)["items"]] == ["r1", "r4"]
 
 
+async def test_a_record_not_keyed_by_its_statuses_message_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    agent = history_agent(monkeypatch, "test-history-key", edge=SimpleNamespace(reject=lambda reason, item: reason))
+
+    outs = await agent.handle([accepted([status("r1", "c-1", "sent", "12:00:00")], key="t1/msg-2"),
+                               accepted([status("r2", "c-2", "sent", "12:00:01")])])
+
+    assert outs == ["record key 't1/msg-2' is not t1/{message} of each status"]
+    assert (agent.page("t1", "msg-2", 1, 10)["total"], agent.page("t1", "msg-1", 1, 10)["total"]) == (0, 1)
+
+
+def history_agent(monkeypatch: pytest.MonkeyPatch, name: str, edge: Any = None) -> messages_app.History:
+    """The agent on its table, without a broker."""
+    app = faust.App(name, broker="kafka://localhost:1", store="memory://", topic_partitions=6, autodiscover=False)
+    table = messages_app.batched_table(app, "messages-history")
+    monkeypatch.setattr(table, "flush", _nothing_to_flush)
+    return messages_app.History(SimpleNamespace(edge=edge), table)
+
+
 async def _nothing_to_flush() -> None:
     """No changelog without a broker: the table's store holds what the agent wrote."""
 
 
-def accepted(data: dict[str, Any]) -> Accepted:
-    event = make_event("delivery.status", "t1", data, source="/usher/messages")
-    message = SimpleNamespace(topic="messages.deliveries", partition=0, offset=0, key=b"t1/msg-1", value=None)
-    return Accepted(event, "t1/msg-1", Delivered(message))
+def accepted(statuses: list[dict[str, Any]], key: str = "t1/msg-1") -> Accepted:
+    event = make_event(messages_app.STATUSES, "t1", {"statuses": statuses}, source="/usher/messages")
+    message = SimpleNamespace(topic=messages_app.BY_MESSAGE, partition=0, offset=0, key=key.encode(), value=None)
+    return Accepted(event, key, Delivered(message))

@@ -463,14 +463,14 @@ def callback_key(reported: Mapping[str, Any]) -> str | None:
     return key(reported["tenant"], request) if request else callback_correlation_group(reported)
 
 
-def history_keys(status_event: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(summary key `{tenant}/{message}`, row key `{tenant}/{message}/{request}`) for
-    a status of a message's own mail; None for tests, opt-in and account mails."""
+def history_key(status_event: Mapping[str, Any]) -> str | None:
+    """`{tenant}/{message}`, under which a status of a message's own mail is in the message's
+    history (its summary; each request's row under `{tenant}/{message}/{request}`); None for
+    tests, opt-in and account mails."""
     data = status_event["data"]
     if data.get("kind") != MARKETING_KIND or not data.get("message"):
         return None
-    tenant = status_event["tenant"]
-    return key(tenant, data["message"]), key(tenant, data["message"], data["request"])
+    return key(status_event["tenant"], data["message"])
 
 
 def contact_history_key(status_event: Mapping[str, Any]) -> str:
@@ -504,7 +504,7 @@ def fold_status(
     summary: Mapping[str, Any] | None, row: Mapping[str, Any] | None, status: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Folds a `delivery.status` data into its message's summary and the request's
-    row (stored under `history_keys`). Repeats change nothing."""
+    row (stored under `history_key`). Repeats change nothing."""
     new_summary = dict(summary) if summary else {
         "message": status.get("message"), "sent_at": None, "recipients": 0, "orders": 0, "statuses": {},
     }
