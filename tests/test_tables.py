@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import date, datetime, timezone
+from uuid import UUID
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from faust.utils import json as faust_json
 
 from workers import edge as edge_module
 from workers import envelope
 from workers.edge import Accepted, Delivered, Edge
-from workers.tables import ContactTable, use_stage_rocksdb
+from workers.tables import ContactTable, json_bytes, use_stage_rocksdb
 from workers.transport import App
 
 PARTITIONS = 4
@@ -156,3 +159,12 @@ async def test_a_batch_writes_only_its_own_tables_changes(rig: SimpleNamespace, 
     slow_acknowledged.set()
     await counting
     assert stored(rig, "t1/ann") == {"orders": 1}
+
+
+@pytest.mark.parametrize("value", [
+    "t1/c-1", {"b": [1, 2.5, None, True], "a": "Zoë 🎫"}, {1: "a non-string key"},
+    {"at": datetime(2026, 12, 1, 19, 30, tzinfo=timezone.utc), "on": date(2026, 12, 1)}, {"id": UUID(int=7)},
+])
+def test_table_values_are_encoded_as_fausts_json_codec_encodes_them(value: object) -> None:
+    """Stores and changelogs written by faust and by the stages hold the same bytes for a value."""
+    assert json_bytes(value) == faust_json.dumps(value)

@@ -198,12 +198,18 @@ class BatchedTable(faust.Table):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._changes: dict[int, dict[Any, Any]] = defaultdict(dict)
+        # partition -> key -> (key, value) as the changelog carries them (value None: deleted)
+        self._changes: dict[int, dict[Any, tuple[bytes, bytes | None]]] = defaultdict(dict)
         # Whether the store is RocksDB with json keys and values (see `_partition_db`); known once it is open.
         self._direct: bool | None = None
 
     def on_key_set(self, key: Any, value: Any) -> None:
-        self._changes[self.partition_for_key(key)][key] = value
+        topic = self.changelog_topic
+        self._changes[self.partition_for_key(key)][key] = (topic.prepare_key(key, self.key_serializer)[0],
+                                                            topic.prepare_value(value, self.value_serializer)[0])
+
+    def on_key_del(self, key: Any) -> None:
+        self._changes[self.partition_for_key(key)][key] = (self.changelog_topic.prepare_key(key, self.key_serializer)[0], None)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         event = current_event()
@@ -213,9 +219,9 @@ class BatchedTable(faust.Table):
         else:
             # faust's own path, less its serializer registry: the same bytes, straight to the store,
             # and kept for the changelog (encoded once).
-            encoded = _Encoded(json_bytes(value))
-            self._changes[event.message.partition][key] = encoded
-            db.put(json_bytes(key), encoded)
+            change = (json_bytes(key), json_bytes(value))
+            self._changes[event.message.partition][key] = change
+            db.put(*change)
 
     def value(self, key: Any) -> Any:
         """`self.get(key)` (None when missing) with one store lookup: faust's `get` looks a key up
@@ -238,45 +244,20 @@ class BatchedTable(faust.Table):
             self._direct = isinstance(self.data, faust_rocksdb.Store) and self.key_serializer == self.value_serializer == "json"
         return self.data._db_for_partition(event.message.partition) if self._direct else None
 
-    def _encoders(self) -> tuple[Callable[[Any], bytes], Callable[[Any], bytes]]:
-        """How changelog keys and values are encoded: for the `json` serializer straight through
-        faust's json `dumps` (the same bytes), else through the changelog topic as faust does."""
-        topic = self.changelog_topic
-
-        def key_bytes(key: Any) -> bytes:
-            return topic.prepare_key(key, self.key_serializer)[0]
-
-        def value_bytes(value: Any) -> bytes:
-            return topic.prepare_value(value, self.value_serializer)[0]
-
-        return (json_bytes if self.key_serializer == "json" else key_bytes,
-                json_bytes if self.value_serializer == "json" else value_bytes)
-
-    def on_key_del(self, key: Any) -> None:
-        self._changes[self.partition_for_key(key)][key] = None
-
     async def flush(self) -> None:
         changes, self._changes = self._changes, defaultdict(dict)
         if not changes:
             return
         producer = self.app.producer._ensure_producer()
-        topic = self.changelog_topic
-        name = topic.get_topic_name()
-        key_bytes, value_bytes = self._encoders()
+        name = self.changelog_topic.get_topic_name()
         sent = []
         for partition, values in changes.items():
-            records = ((key_bytes(key), value if value is None or type(value) is _Encoded else value_bytes(value))
-                       for key, value in values.items())
             sent += [(partition, count, acknowledgement)
-                     for acknowledgement, count in await send_to_partition(producer, name, partition, records)]
+                     for acknowledgement, count in await send_to_partition(producer, name, partition, values.values())]
         for partition, count, acknowledgement in sent:
             metadata = await acknowledgement
             # What faust records per change: a RocksDB store resumes its recovery after this offset.
             self.data.set_persisted_offset(TP(name, partition), metadata.offset + count - 1)
-
-
-class _Encoded(bytes):
-    """A table value as its changelog carries it, encoded when it was stored."""
 
 
 def batched_table(app: faust.App, name: str) -> BatchedTable:
