@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from datetime import date, datetime, timezone
 from uuid import UUID
 from pathlib import Path
@@ -168,3 +169,15 @@ async def test_a_batch_writes_only_its_own_tables_changes(rig: SimpleNamespace, 
 def test_table_values_are_encoded_as_fausts_json_codec_encodes_them(value: object) -> None:
     """Stores and changelogs written by faust and by the stages hold the same bytes for a value."""
     assert json_bytes(value) == faust_json.dumps(value)
+
+
+def test_an_encoded_value_takes_the_memory_of_its_length() -> None:
+    """orjson's output comes in a buffer of 4 KB or more; what the stages keep must not."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        kept = [json_bytes(f"t1/c-{number}") for number in range(1000)]
+        grown = sum(stat.size_diff for stat in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    finally:
+        tracemalloc.stop()
+    assert len(kept) == 1000 and grown < 1000 * 200

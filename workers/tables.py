@@ -111,11 +111,20 @@ def _on_stage_rocksdb(new_store: Callable[[], Any]) -> Callable[[], Any]:
     return lambda: with_stage_rocksdb(new_store())
 
 
-# What faust's `json` codec makes of a value: its `faust.utils.json.dumps` with orjson (which Usher
-# installs), called straight. The stages encode several keys and values a record, and faust's
-# wrapper cost as much as the encoding.
-json_bytes: Callable[[Any], bytes] = partial(orjson.dumps, default=faust_json.on_default,
-                                             option=orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z)
+# faust's `faust.utils.json.dumps` with orjson (which Usher installs), called straight: the stages
+# encode several keys and values a record, and faust's wrapper cost as much as the encoding.
+_faust_json_dumps = partial(orjson.dumps, default=faust_json.on_default, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z)
+_join = b"".join
+
+
+def json_bytes(value: Any) -> bytes:
+    """What faust's `json` codec makes of a value, in a bytes object of its own size.
+
+    orjson (3.12 on) hands its output over in the buffer it wrote it in, 4 KB at the least, and
+    the stages keep encoded keys and values until their batch is written: kept as orjson made
+    them, the messages worker's peak memory sending 200,000 mails went from 222 to 323 MB. Joined
+    with nothing, the output is copied into a bytes object of its length."""
+    return _join((_faust_json_dumps(value), b""))
 
 
 class Entries:
