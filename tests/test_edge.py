@@ -115,6 +115,29 @@ async def test_a_failing_handler_parks_the_record_and_the_stage_goes_on(monkeypa
     assert [event["id"] for event in edge_rig.passed()] == ["evt-good", "evt-bad"]
 
 
+async def test_a_batch_of_records_carrying_many_items_each_holds_about_a_batch_size_of_items(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage's batch size counts items: a history record carries hundreds of statuses."""
+    async def nothing_to_produce(app: faust.App, outs: Any, stage: str) -> None:
+        assert list(outs) == []
+
+    monkeypatch.setattr(edge_module, "produce", nothing_to_produce)
+    sizes: list[int] = []
+
+    async def handle(items: list[Accepted]) -> list[envelope.Out]:
+        sizes.append(len(items))
+        return []
+
+    app = App("edge-test-items", fetch_max_wait_ms=50, store="memory://", autodiscover=False, topic_partitions=4)
+    edge = Edge(app, "probe", batch_size=50, batch_within_s=0.05, dedupe_window=1000)
+    edge.subscribe("statuses", [envelope.ORDERS], on_batch=handle, items_per_record=25)
+    async with app.agents["probe.statuses"].test_context() as ctx:
+        for number in range(5):
+            await ctx.put(cancelled(id_=f"evt-{number}"), key=b"t1/c-1")
+        await settle(ctx)
+    assert sizes == [2, 2, 1]
+
+
 def test_records_go_to_the_partition_kafkas_default_partitioner_picks() -> None:
     partitions = list(range(6))
     for key in (b"t1/c-1", b"t1/c-2", b"venue/~co-9", b"t2/msg-1/c-42"):

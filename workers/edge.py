@@ -228,11 +228,16 @@ class Edge:
         on_record: RecordHandler | None = None,
         on_batch: BatchHandler | None = None,
         on_tombstone: Callable[[Delivered], Iterable[envelope.Out]] | None = None,
+        items_per_record: int = 1,
     ) -> None:
-        """Consume `topics` with one agent; hand accepted records to the handler."""
+        """Consume `topics` with one agent; hand accepted records to the handler.
+
+        A batch holds about the stage's batch size of items: of records, or, where a record carries
+        up to `items_per_record` items (statuses, say), of those items."""
         if (on_record is None) == (on_batch is None):
             raise ValueError("give exactly one of on_record or on_batch")
         channel = BatchTopic(self.app, topics=list(topics))
+        batch_size = max(1, self.batch_size // items_per_record)
 
         async def consume(stream: faust.StreamT) -> None:
             # Each event is a partition's records from one fetch (see workers/transport.py); they
@@ -246,7 +251,7 @@ class Edge:
                 while True:
                     taken, size = [], 0
                     deadline = None
-                    while size < self.batch_size:
+                    while size < batch_size:
                         if deadline is None:
                             await upcoming  # nothing taken yet: wait as long as it takes
                             deadline = monotonic() + self.batch_within_s

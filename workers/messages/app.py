@@ -751,7 +751,7 @@ def register(app: faust.App, ctx: StageContext) -> None:
     ctx.edge.subscribe("callbacks", [envelope.CALLBACKS, CORRELATED], on_batch=callbacks.handle)
 
     history = History(ctx, batched_table(app, f"{ctx.name}-history"))
-    ctx.edge.subscribe("history", [BY_MESSAGE], on_batch=history.handle)
+    ctx.edge.subscribe("history", [BY_MESSAGE], on_batch=history.handle, items_per_record=STATUSES_PER_RECORD)
 
     owners = Owners(app, ctx.edge.waits)
     register_views(app, ctx, reference, renderer, ledger, history, owners)
