@@ -95,12 +95,9 @@ def test_a_message_not_sent_yet_has_an_empty_history() -> None:
 
 
 def test_only_a_messages_own_mails_are_in_its_history() -> None:
-    def event(data: dict[str, Any]) -> dict[str, Any]:
-        return {"tenant": "t1", "data": data}
-
-    assert history_key(event(status("r1", "c-1", "sent", "12:00:00"))) == "t1/msg-1"
-    assert history_key(event(status("r9", "c-1", "sent", "12:00:00", kind="test"))) is None
-    assert history_key(event(status("r8", "c-1", "sent", "12:00:00", kind="doi-confirmation"))) is None
+    assert history_key("t1", status("r1", "c-1", "sent", "12:00:00")) == "t1/msg-1"
+    assert history_key("t1", status("r9", "c-1", "sent", "12:00:00", kind="test")) is None
+    assert history_key("t1", status("r8", "c-1", "sent", "12:00:00", kind="doi-confirmation")) is None
 
 
 def delivery(data: dict[str, Any]) -> Out:

@@ -485,7 +485,7 @@ def history_records(outs: Sequence[envelope.Out]) -> list[envelope.Out]:
     whatever records they come in."""
     by_message: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for out in outs:
-        if out.topic == envelope.DELIVERIES and (key := rules.history_key(out.event)) is not None:
+        if out.topic == envelope.DELIVERIES and (key := rules.history_key(out.event["tenant"], out.event["data"])) is not None:
             by_message[key].append(out.event)
     records = []
     for key, events in by_message.items():

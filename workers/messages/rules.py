@@ -343,10 +343,8 @@ def _status_record(
 
 
 def status_key(tenant: str, status: Mapping[str, Any]) -> str:
-    """`{tenant}/{message}` for a message's own mails, `{tenant}/{kind}` for the rest."""
-    if status.get("kind") == MARKETING_KIND and status.get("message"):
-        return key(tenant, status["message"])
-    return key(tenant, status.get("kind") or status["request"])
+    """`{tenant}/{message}` for a message's own mails (`history_key`), `{tenant}/{kind}` for the rest."""
+    return history_key(tenant, status) or key(tenant, status.get("kind") or status["request"])
 
 
 def callback_status(reported: Mapping[str, Any]) -> tuple[str, str | None] | None:
@@ -463,14 +461,13 @@ def callback_key(reported: Mapping[str, Any]) -> str | None:
     return key(reported["tenant"], request) if request else callback_correlation_group(reported)
 
 
-def history_key(status_event: Mapping[str, Any]) -> str | None:
-    """`{tenant}/{message}`, under which a status of a message's own mail is in the message's
-    history (its summary; each request's row under `{tenant}/{message}/{request}`); None for
-    tests, opt-in and account mails."""
-    data = status_event["data"]
-    if data.get("kind") != MARKETING_KIND or not data.get("message"):
+def history_key(tenant: str, status: Mapping[str, Any]) -> str | None:
+    """`{tenant}/{message}`, under which a status (`delivery.status` data) of a message's own mail
+    is in the message's history (its summary; each request's row under
+    `{tenant}/{message}/{request}`); None for tests, opt-in and account mails."""
+    if status.get("kind") != MARKETING_KIND or not status.get("message"):
         return None
-    return key(status_event["tenant"], data["message"])
+    return key(tenant, status["message"])
 
 
 def contact_history_key(status_event: Mapping[str, Any]) -> str:
