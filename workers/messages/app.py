@@ -204,12 +204,15 @@ class BatchedTable(faust.Table):
         self._direct: bool | None = None
 
     def on_key_set(self, key: Any, value: Any) -> None:
-        topic = self.changelog_topic
-        self._changes[self.partition_for_key(key)][key] = (topic.prepare_key(key, self.key_serializer)[0],
-                                                            topic.prepare_value(value, self.value_serializer)[0])
+        self._keep_change(key, self.changelog_topic.prepare_value(value, self.value_serializer)[0])
 
     def on_key_del(self, key: Any) -> None:
-        self._changes[self.partition_for_key(key)][key] = (self.changelog_topic.prepare_key(key, self.key_serializer)[0], None)
+        self._keep_change(key, None)
+
+    def _keep_change(self, key: Any, value: bytes | None) -> None:
+        """A change made through faust's own path (outside a record's context, another store or
+        serializer), encoded as faust's changelog would carry it."""
+        self._changes[self.partition_for_key(key)][key] = (self.changelog_topic.prepare_key(key, self.key_serializer)[0], value)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         event = current_event()
