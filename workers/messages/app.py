@@ -35,7 +35,7 @@ Where each piece of state lives, and why:
   sender and the callback agent send, beside a batch's `delivery.status` records, one
   `usher.message-statuses` per message on `usher.messages.by-message` with what the history needs
   of them, and the history agent reads that: a record per message and batch rather than one
-  per status, whose reading (fetch, decode, check, dedupe) cost the stage a fifth of its work
+  per status, whose reading (fetch, decode, check, dedupe) cost the stage about 8% of its work
   per mail sent.
 
 A GET about a contact or a message is answered by the worker that owns its partition; another
@@ -636,23 +636,29 @@ class History:
                 continue
             with item.context():
                 summary = summaries[summary_key][0] if summary_key in summaries else self.table.value(summary_key)
-                for status in statuses:
-                    row_key = envelope.key(summary_key, status["request"])
-                    row = self.table.value(row_key)
-                    summary, new_row = rules.fold_status(summary, row, status)
-                    if new_row != row:
-                        self.table[row_key] = new_row
-                    if row is None:
-                        key = order_chunk_key(summary_key, (summary["recipients"] - 1) // ORDER_CHUNK)
-                        order = chunks[key][0] if key in chunks else list(self.table.value(key) or ())
-                        order.append(status["request"])
-                        chunks[key] = (order, item)
-            summaries[summary_key] = (summary, item)
+                summaries[summary_key] = (self._fold(item, summary, chunks), item)
         for key, (value, item) in [*summaries.items(), *chunks.items()]:
             with item.context():
                 self.table[key] = value
         await self.table.flush()
         return outs
+
+    def _fold(self, item: Accepted, summary: dict[str, Any] | None, chunks: dict[str, tuple[list[str], Accepted]]) -> dict[str, Any]:
+        """Folds the statuses of record `item` (in its context) into the rows and `summary`; a
+        request seen for the first time joins its order chunk in `chunks`. Returns the summary."""
+        summary_key = item.key
+        for status in item.data["statuses"]:
+            row_key = envelope.key(summary_key, status["request"])
+            row = self.table.value(row_key)
+            summary, new_row = rules.fold_status(summary, row, status)
+            if new_row != row:
+                self.table[row_key] = new_row
+            if row is None:
+                key = order_chunk_key(summary_key, (summary["recipients"] - 1) // ORDER_CHUNK)
+                order = chunks[key][0] if key in chunks else list(self.table.value(key) or ())
+                order.append(status["request"])
+                chunks[key] = (order, item)
+        return summary
 
     def page(self, tenant: str, message: str, page: int, size: int) -> dict[str, Any]:
         summary_key = envelope.key(tenant, message)
